@@ -1,0 +1,65 @@
+"""load_model / load_tokenizer: embedded short names, local folders or hub ids,
+optionally on a 4-bit or 8-bit bitsandbytes base."""
+import torch
+import transformers
+from transformers import AutoTokenizer, BitsAndBytesConfig
+
+from .embedded import model_name, resolve_model
+from .errors import PeftkitError
+
+TASKS = {
+    "causal-lm": transformers.AutoModelForCausalLM,
+    "classification": transformers.AutoModelForSequenceClassification,
+    "qa": transformers.AutoModelForQuestionAnswering,
+    "base": transformers.AutoModel,
+}
+QUANTIZE = ("nf4", "fp4", "4bit", "8bit")
+# Task heads are trained in full precision, never quantized.
+HEADS = ["classifier", "score", "qa_outputs", "lm_head"]
+
+
+def load_model(name_or_path: str, task: str = "causal-lm", quantize: str | None = None,
+               dtype: torch.dtype | None = None, **config_overrides):
+    """A transformers model for `task` (causal-lm, classification, qa, base, or a
+    transformers class name); `quantize` in nf4/fp4/4bit/8bit loads the linear
+    layers through bitsandbytes. Extra keywords (num_labels, id2label, ...) go to
+    the model config."""
+    model_cls = _model_class(task)
+    if quantize is not None and quantize not in QUANTIZE:
+        raise PeftkitError(f"quantize must be one of {', '.join(QUANTIZE)} or None, got {quantize!r}")
+    dtype = dtype or torch.float32
+    kwargs = {"dtype": dtype, **config_overrides}
+    if quantize:
+        kwargs["quantization_config"] = bnb_config(quantize, dtype)
+        kwargs["device_map"] = {"": 0} if torch.cuda.is_available() else {"": "cpu"}
+    model = model_cls.from_pretrained(resolve_model(name_or_path), **kwargs)
+    model.config.peftkit_base_name = model_name(name_or_path)
+    return model
+
+
+def load_tokenizer(name_or_path: str):
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model(name_or_path))
+    if tokenizer.pad_token is None:  # decoder-only tokenizers often lack one; batching needs it
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def bnb_config(quantize: str, compute_dtype: torch.dtype) -> BitsAndBytesConfig:
+    if quantize == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=HEADS)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="fp4" if quantize == "fp4" else "nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=compute_dtype,
+        llm_int8_skip_modules=HEADS,
+    )
+
+
+def _model_class(task: str):
+    if task in TASKS:
+        return TASKS[task]
+    cls = getattr(transformers, task, None)
+    if cls is None or not hasattr(cls, "from_pretrained"):
+        raise PeftkitError(f"unknown task {task!r}; tasks: {', '.join(TASKS)} or a transformers model class name")
+    return cls

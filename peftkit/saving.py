@@ -1,0 +1,174 @@
+"""save_adapter / load_adapter: a folder with adapter_model.safetensors and
+adapter_config.json. LoRA folders are peft's own format (stock peft loads
+them); peftkit's record sits under the "peftkit" key of the same config.
+Nothing is ever unpickled, and a folder only appears once complete."""
+import dataclasses
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, PeftModel
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from .attach import (AdapterInfo, adapters_of, base_fingerprint, base_model, base_name, pick_adapter, task_heads,
+                     tuner)
+from .errors import PeftkitError
+from .fingerprint import check_same_base
+from .presets import METHODS
+
+WEIGHTS = "adapter_model.safetensors"
+CONFIG = "adapter_config.json"
+
+
+def save_adapter(model, path, name: str | None = None) -> Path:
+    """Write adapter `name` (default: the only or active one) and its task heads to `path`."""
+    name, info = pick_adapter(model, name)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        if info.method == "lora":
+            _save_lora(model, name, info, tmp)
+        else:
+            state = {**tuner(info.method).adapter_state_dict(model, name), **_head_state(base_model(model))}
+            save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, tmp / WEIGHTS,
+                      metadata={"format": "pt"})
+            _write_json(tmp / CONFIG, {"peftkit": _record(info)})
+        _replace_dir(tmp, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return path
+
+
+def load_adapter(model, path, name: str | None = None, trainable: bool = False):
+    """Load a saved adapter (peftkit's or peft's) onto `model` and return it
+    ready for inference (or training with trainable=True). A base that is not
+    the one the adapter was trained on is refused and left untouched."""
+    path = Path(path)
+    config = read_adapter_config(path)
+    state = read_weights(path / WEIGHTS)
+    info = _info_from(config)
+    name = name or ("default" if not adapters_of(model) else Path(path).name)
+    if name in adapters_of(model):
+        raise PeftkitError(f"the model already holds an adapter named {name!r}; pass another name=")
+    if info.base_fingerprint:
+        check_same_base(info.base_fingerprint, base_fingerprint(model), info.base_name, base_name(base_model(model)))
+    existing = adapters_of(model)
+    if info.method == "lora":
+        lora = LoraConfig.from_peft_type(**{k: v for k, v in config.items() if k != "peftkit"})
+        if isinstance(model, PeftModel):
+            model.load_adapter(str(path), adapter_name=name, is_trainable=trainable)
+            model.set_adapter(name)
+        else:
+            model = PeftModel.from_pretrained(model, str(path), adapter_name=name, is_trainable=trainable,
+                                              config=lora)
+    else:
+        _load_own(model, name, info, state, trainable)
+    model.peftkit_adapters = {**existing, name: info}
+    return model.train(trainable)
+
+
+def read_adapter_config(path: Path) -> dict:
+    if not path.is_dir():
+        raise PeftkitError(f"adapter folder {path} does not exist")
+    for needed in (CONFIG, WEIGHTS):
+        if not (path / needed).is_file():
+            raise PeftkitError(f"{path} is not an adapter folder: {needed} is missing")
+    try:
+        return json.loads((path / CONFIG).read_text())
+    except json.JSONDecodeError as err:
+        raise PeftkitError(f"{path / CONFIG} is not valid JSON: {err}") from None
+
+
+def read_weights(file: Path) -> dict[str, torch.Tensor]:
+    try:
+        with safe_open(str(file), framework="pt") as f:
+            return {key: f.get_tensor(key) for key in f.keys()}
+    except (SafetensorError, OSError) as err:
+        raise PeftkitError(f"{file} is truncated or corrupted ({err}); save the adapter again") from None
+
+
+def _save_lora(model, name, info, tmp: Path) -> None:
+    model.save_pretrained(str(tmp), selected_adapters=[name])
+    if name != "default":  # peft files non-default adapters in a subfolder
+        for file in (tmp / name).iterdir():
+            file.rename(tmp / file.name)
+        (tmp / name).rmdir()
+    config = json.loads((tmp / CONFIG).read_text())
+    config["peftkit"] = _record(info)
+    _write_json(tmp / CONFIG, config)
+
+
+def _head_state(base) -> dict:
+    return {f"{head}.{key}": value for head in task_heads(base)
+            for key, value in base.get_submodule(head).state_dict().items()}
+
+
+def _load_own(model, name, info, state, trainable) -> None:
+    base = base_model(model)
+    heads = {k: v for k, v in state.items() if k.split(".")[0] in task_heads(base)}
+    _check_heads(base, heads)
+    method = tuner(info.method)
+    config = method.Config.from_options({"method": info.method, **info.options} if info.method != "prefix"
+                                        else info.options)
+    method.inject(model, config, name)
+    try:
+        method.load_adapter_state_dict(model, name, {k: v for k, v in state.items() if k not in heads})
+    except Exception:
+        method.remove(model, name)
+        raise
+    base.load_state_dict(heads, strict=False)
+    method.set_active(model, name)
+    for param in model.parameters():
+        param.requires_grad_(False)
+    if trainable:
+        for key, param in model.named_parameters():
+            if f".{name}." in key or key.split(".")[0] in heads:
+                param.requires_grad_(True)
+
+
+def _check_heads(base, heads: dict) -> None:
+    own = base.state_dict()
+    for key, value in heads.items():
+        if key not in own or own[key].shape != value.shape:
+            have = tuple(own[key].shape) if key in own else "nothing"
+            raise PeftkitError(
+                f"the adapter's head {key} has shape {tuple(value.shape)} but the model has {have}; "
+                "build the base with the adapter's task and labels (see its adapter_config.json)"
+            )
+
+
+def _info_from(config: dict) -> AdapterInfo:
+    record = config.get("peftkit")
+    if record is None:
+        if config.get("peft_type") != "LORA":
+            raise PeftkitError(f"unknown adapter type {config.get('peft_type')!r}; peftkit loads {', '.join(METHODS)}")
+        return AdapterInfo("lora", {}, config.get("base_model_name_or_path") or "unknown", {})
+    if record.get("method") not in METHODS:
+        raise PeftkitError(f"unknown adapter method {record.get('method')!r}; known: {', '.join(METHODS)}")
+    return AdapterInfo(**{k: record[k] for k in ("method", "options", "base_name", "base_fingerprint", "task")})
+
+
+def _record(info: AdapterInfo) -> dict:
+    from . import __version__
+    return {"version": __version__, **dataclasses.asdict(info)}
+
+
+def _write_json(file: Path, data: dict) -> None:
+    file.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def _replace_dir(tmp: Path, path: Path) -> None:
+    """Rename the finished folder into place; an old one is moved aside first
+    and deleted only after the new one is there."""
+    old = None
+    if path.exists():
+        old = path.with_name(f".{path.name}.old-{os.getpid()}")
+        path.rename(old)
+    tmp.rename(path)
+    if old is not None:
+        shutil.rmtree(old)

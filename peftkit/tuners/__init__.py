@@ -1,0 +1,15 @@
+"""Adapter methods, one module or package each, shaped like peft's tuners.
+
+LoRA is peft's own (peftkit.tuners.lora only translates options). The methods
+peft lacks here (bottleneck adapters; prefix tuning that works for encoders and
+task heads under transformers 5) live in their own packages with
+config.py / layer.py / model.py and expose the same five functions:
+
+    Config                       dataclass; Config.from_options(dict) validates and
+                                 raises PeftkitError naming the bad option
+    inject(model, config, name)  add adapter `name` to a frozen transformers model
+    adapter_state_dict(model, name) -> {key: tensor}   keys do not contain `name`
+    load_adapter_state_dict(model, name, state_dict)   strict; PeftkitError on mismatch
+    set_active(model, name | None)                     None = base model alone
+    remove(model, name)
+"""

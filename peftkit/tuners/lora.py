@@ -1,0 +1,58 @@
+"""LoRA is peft's: this module only turns peftkit options into a LoraConfig,
+filling per-architecture defaults and checking targets before peft runs."""
+import dataclasses
+import re
+
+from peft import LoraConfig, TaskType
+
+from ..architectures import candidate_modules, layout_of
+from ..errors import PeftkitError
+
+OPTIONS = sorted(f.name for f in dataclasses.fields(LoraConfig) if f.init and f.name not in ("peft_type", "task_type"))
+
+
+def lora_config(model, options: dict, heads: list[str]) -> LoraConfig:
+    unknown = sorted(set(options) - set(OPTIONS))
+    if unknown:
+        raise PeftkitError(f"unknown LoRA option(s) {unknown}; LoraConfig accepts: {', '.join(OPTIONS)}")
+    options = dict(options)
+    r = options.get("r", 8)
+    if not isinstance(r, int) or isinstance(r, bool) or r <= 0:
+        raise PeftkitError(f"LoRA rank r must be a positive integer, got {r!r}")
+    if options.get("target_modules") is None:
+        options["target_modules"] = list(layout_of(model).lora_targets)
+    _check_targets(model, options["target_modules"])
+    options["modules_to_save"] = sorted(set(options.get("modules_to_save") or []) | set(heads)) or None
+    try:
+        return LoraConfig(task_type=task_type(model), **options)
+    except (ValueError, TypeError) as err:
+        raise PeftkitError(f"invalid LoRA options: {err}") from None
+
+
+def task_type(model) -> TaskType | None:
+    name = type(model).__name__
+    for suffix, task in (("ForSequenceClassification", TaskType.SEQ_CLS), ("ForCausalLM", TaskType.CAUSAL_LM),
+                         ("LMHeadModel", TaskType.CAUSAL_LM), ("ForQuestionAnswering", TaskType.QUESTION_ANS),
+                         ("ForTokenClassification", TaskType.TOKEN_CLS)):
+        if name.endswith(suffix):
+            return task
+    return None
+
+
+def _check_targets(model, targets) -> None:
+    if targets == "all-linear":
+        return
+    names = [name for name, _ in model.named_modules()]
+    if isinstance(targets, str):
+        try:
+            matched = any(re.fullmatch(targets, name) for name in names)
+        except re.error as err:
+            raise PeftkitError(f"target_modules regex {targets!r} is invalid: {err}") from None
+    else:
+        matched = any(name == t or name.endswith("." + t) for name in names for t in targets)
+    if not matched:
+        raise PeftkitError(
+            f"target_modules {targets!r} match no module of {type(model).__name__}; "
+            f"candidates: {', '.join(candidate_modules(model))} (a list matches name suffixes, "
+            "a string is a regex matched against full names)"
+        )
