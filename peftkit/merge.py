@@ -11,8 +11,8 @@ from .attach import pick_adapter, is_quantized
 from .errors import PeftkitError
 
 
-def merge(model, dtype: torch.dtype = torch.float32):
-    name, info = pick_adapter(model)
+def merge(model, name: str | None = None, dtype: torch.dtype = torch.float32):
+    name, info = pick_adapter(model, name)
     if info.method != "lora":
         raise PeftkitError(
             f"adapter {name!r} is {info.method}: only LoRA is a weight update that folds into the base; "
@@ -29,11 +29,31 @@ def merge(model, dtype: torch.dtype = torch.float32):
 def _requantize_free(model: PeftModel, name: str) -> PeftModel:
     config = model.peft_config[name]
     state = get_peft_model_state_dict(model, adapter_name=name)
-    base = model.unload()  # LoRA layers out, trained heads kept
-    base.dequantize(dtype=torch.float32)
-    for attr in ("is_loaded_in_4bit", "is_loaded_in_8bit"):
-        if hasattr(base, attr):
-            setattr(base, attr, False)
+    base = dequantize(model.unload())  # LoRA layers out, trained heads kept
     plain = get_peft_model(base, config, adapter_name=name)
     set_peft_model_state_dict(plain, state, adapter_name=name)
     return plain
+
+
+def dequantize(model):
+    """The bitsandbytes base as a plain float32 transformers model, in place."""
+    _undo_cpu_packing(model)
+    model.dequantize(dtype=torch.float32)
+    for attr in ("is_loaded_in_4bit", "is_loaded_in_8bit"):
+        if hasattr(model, attr):
+            setattr(model, attr, False)
+    return model
+
+
+def _undo_cpu_packing(model) -> None:
+    """bitsandbytes' CPU kernels repack 4-bit weights in place on first use;
+    transformers' dequantize reads them in the standard layout and would return
+    garbage, so put the standard layout back first (bnb does the same before
+    saving a state dict)."""
+    from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+
+    for module in model.modules():
+        weight = getattr(module, "weight", None)
+        state = getattr(weight, "quant_state", None)
+        if state is not None and getattr(state, "packing_format_for_cpu", False):
+            weight.data, weight.quant_state = _convert_weight_packed_for_cpu_inverse(weight.data, state)

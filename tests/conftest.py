@@ -9,8 +9,8 @@ from transformers import (
 
 BERT = dict(vocab_size=128, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
             intermediate_size=64, max_position_embeddings=64)
-LLAMA = dict(vocab_size=128, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-             num_key_value_heads=2, intermediate_size=64, max_position_embeddings=64,
+LLAMA = dict(vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, intermediate_size=128, max_position_embeddings=64,
              pad_token_id=0)
 GPT2 = dict(vocab_size=128, n_embd=32, n_layer=2, n_head=4, n_positions=64, pad_token_id=0,
             bos_token_id=1, eos_token_id=2)
