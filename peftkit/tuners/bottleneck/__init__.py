@@ -1,0 +1,8 @@
+"""Bottleneck adapters: Houlsby (2019), Pfeiffer (2020) and parallel (He et al. 2022).
+
+One package, three methods, picked by Config.method. See peftkit.tuners for the contract.
+"""
+from .config import Config
+from .model import adapter_state_dict, inject, load_adapter_state_dict, remove, set_active
+
+__all__ = ["Config", "inject", "adapter_state_dict", "load_adapter_state_dict", "set_active", "remove"]

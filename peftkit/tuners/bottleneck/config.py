@@ -1,0 +1,139 @@
+"""Options of the bottleneck adapters (Houlsby, Pfeiffer, parallel).
+
+    Config.from_options({"method": "pfeiffer", "reduction_factor": 8})
+    config.to_options()            -> JSON-serializable dict, round-trips
+    config.bottleneck_dim(hidden)  -> the bottleneck width for a model
+    config.check_sizes(hidden)     -> PeftkitError if the sizes don't fit the model
+"""
+import re
+from dataclasses import dataclass, fields
+
+from ...errors import PeftkitError
+
+METHODS = ("houlsby", "pfeiffer", "parallel")
+NON_LINEARITIES = ("relu", "gelu", "silu", "tanh")
+DEFAULT_REDUCTION_FACTOR = 16
+DEFAULT_SCALING = 4.0  # He et al. 2022 scale the parallel adapter's output by 4
+
+
+@dataclass
+class Config:
+    method: str = "houlsby"
+    # At most one of the two; with neither, reduction_factor 16 applies. Kept as None
+    # rather than defaulting reduction_factor so that "both given" stays detectable.
+    bottleneck_size: int | None = None
+    reduction_factor: int | None = None
+    non_linearity: str = "relu"
+    scaling: float = DEFAULT_SCALING  # parallel only
+    dropout: float = 0.0
+    target_modules: list[str] | None = None  # houlsby/pfeiffer only: modules after whose output an adapter goes
+
+    def __post_init__(self):
+        self._validate()
+
+    @classmethod
+    def from_options(cls, options: dict, hidden_size: int | None = None) -> "Config":
+        if not isinstance(options, dict):
+            raise PeftkitError(f"bottleneck options must be a dict, got {type(options).__name__}")
+        allowed = [f.name for f in fields(cls)]
+        unknown = sorted(set(options) - set(allowed))
+        if unknown:
+            raise PeftkitError(
+                f"unknown bottleneck option(s) {', '.join(map(repr, unknown))}; allowed: {', '.join(allowed)}"
+            )
+        method = options.get("method", "houlsby")
+        # Silently ignoring these would train something other than what was asked for.
+        if "scaling" in options and method != "parallel":
+            raise PeftkitError(f"option 'scaling' only applies to method 'parallel', not {method!r}")
+        if options.get("target_modules") is not None and method == "parallel":
+            raise PeftkitError(
+                "option 'target_modules' only applies to methods 'houlsby' and 'pfeiffer'; "
+                "the parallel adapter always sits beside the feed-forward block"
+            )
+        config = cls(**options)
+        if hidden_size is not None:
+            config.check_sizes(hidden_size)
+        return config
+
+    def to_options(self) -> dict:
+        options = {
+            "method": self.method,
+            "bottleneck_size": self.bottleneck_size,
+            "reduction_factor": self.reduction_factor,
+            "non_linearity": self.non_linearity,
+            "dropout": self.dropout,
+        }
+        if self.method == "parallel":
+            options["scaling"] = self.scaling
+        else:
+            options["target_modules"] = None if self.target_modules is None else list(self.target_modules)
+        return options
+
+    def bottleneck_dim(self, hidden_size: int) -> int:
+        if self.bottleneck_size is not None:
+            return self.bottleneck_size
+        return hidden_size // (self.reduction_factor or DEFAULT_REDUCTION_FACTOR)
+
+    def check_sizes(self, hidden_size: int) -> None:
+        """Size checks that need the model; inject calls this before touching it."""
+        rf = self.reduction_factor
+        if rf is not None and rf > hidden_size:
+            raise PeftkitError(
+                f"reduction_factor {rf} is larger than the model's hidden size {hidden_size}; "
+                f"valid range is 1..{hidden_size}"
+            )
+        if self.bottleneck_dim(hidden_size) < 1:  # only reachable via the default factor on a tiny model
+            raise PeftkitError(
+                f"hidden size {hidden_size} is too small for the default reduction_factor "
+                f"{DEFAULT_REDUCTION_FACTOR}; set reduction_factor (1..{hidden_size}) or bottleneck_size"
+            )
+
+    def _validate(self):
+        if self.method not in METHODS:
+            raise PeftkitError(f"method {self.method!r} is not one of {', '.join(METHODS)}")
+        if self.bottleneck_size is not None and self.reduction_factor is not None:
+            raise PeftkitError(
+                "give either bottleneck_size or reduction_factor, not both "
+                f"(got bottleneck_size={self.bottleneck_size}, reduction_factor={self.reduction_factor})"
+            )
+        for key in ("bottleneck_size", "reduction_factor"):
+            value = getattr(self, key)
+            if value is None:
+                continue
+            if not _is_int(value):
+                raise PeftkitError(f"{key} must be an integer >= 1, got {value!r} ({type(value).__name__})")
+            if value < 1:
+                raise PeftkitError(f"{key} must be >= 1, got {value}")
+        if not isinstance(self.non_linearity, str) or self.non_linearity.lower() not in NON_LINEARITIES:
+            raise PeftkitError(
+                f"non_linearity {self.non_linearity!r} is not one of {', '.join(NON_LINEARITIES)}"
+            )
+        self.non_linearity = self.non_linearity.lower()
+        if not _is_number(self.scaling):
+            raise PeftkitError(f"scaling must be a number, got {self.scaling!r} ({type(self.scaling).__name__})")
+        self.scaling = float(self.scaling)
+        if not _is_number(self.dropout) or not 0.0 <= self.dropout < 1.0:
+            raise PeftkitError(f"dropout must be a number in [0, 1), got {self.dropout!r}")
+        self.dropout = float(self.dropout)
+        tm = self.target_modules
+        if tm is not None:
+            if isinstance(tm, str):  # one pattern is a common, harmless shorthand
+                tm = [tm]
+            if not isinstance(tm, (list, tuple)) or not tm or not all(isinstance(t, str) and t for t in tm):
+                raise PeftkitError(
+                    f"target_modules must be a non-empty list of module names or regexes, got {self.target_modules!r}"
+                )
+            for pattern in tm:
+                try:
+                    re.compile(pattern)
+                except re.error as e:
+                    raise PeftkitError(f"target_modules entry {pattern!r} is not a valid regex: {e}") from None
+            self.target_modules = list(tm)
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)

@@ -1,0 +1,254 @@
+"""Put bottleneck adapters into a transformers model, and manage them by name.
+
+    inject(model, config, name)                      add adapter `name` (and make it active)
+    adapter_state_dict(model, name) -> {key: tensor} keys are module paths, without `name`
+    load_adapter_state_dict(model, name, state_dict) strict; nothing changes on error
+    set_active(model, name | None | [name-or-None per batch row])
+    remove(model, name)                              unwraps modules left without adapters
+
+Where adapters go: Houlsby after every attention output projection and feed-forward
+output, Pfeiffer after the feed-forward output only (or wherever `target_modules` says),
+parallel beside the feed-forward block (input of `ffn_input`, added to the output of
+`ffn_output`). The insertion points come from peftkit.architectures.
+"""
+import re
+from dataclasses import replace
+
+import torch
+from torch import nn
+
+from ...architectures import layout_of
+from ...errors import PeftkitError
+from .config import Config
+from .layer import Bottleneck, BottleneckWrapper
+
+STATE = "_peftkit_bottleneck"  # model attribute: {"adapters": {name: (config, [site names])}, "active": ...}
+
+
+def inject(model: nn.Module, config: Config, name: str) -> None:
+    state = _state(model)
+    if not isinstance(name, str) or not name or "." in name or hasattr(nn.ModuleDict(), name):
+        raise PeftkitError(f"adapter name must be a non-empty string without '.', not a ModuleDict attribute; got {name!r}")
+    if name in state["adapters"]:
+        raise PeftkitError(f"adapter {name!r} already exists; existing: {', '.join(state['adapters'])}")
+    if not isinstance(config, Config):
+        raise PeftkitError(f"config must be a bottleneck Config, got {type(config).__name__}")
+    hidden = _hidden_size(model)
+    config.check_sizes(hidden)
+    size = config.bottleneck_dim(hidden)
+    sites = _plan(model, config)  # everything is checked before the first change below
+
+    for site_name, source_name in sites:
+        wrapper = _wrap(model, site_name)
+        parallel = config.method == "parallel"
+        adapter = Bottleneck(
+            in_dim=hidden if parallel else _out_features(wrapper.base_layer, hidden),
+            out_dim=_out_features(wrapper.base_layer, hidden),
+            size=size,
+            non_linearity=config.non_linearity,
+            dropout=config.dropout,
+            parallel=parallel,
+            scaling=config.scaling if parallel else 1.0,
+        )
+        wrapper.adapters[name] = adapter.to(_device_of(wrapper.base_layer, model))
+        if source_name is not None and wrapper.source is None:
+            # hook the innermost module: wrappers come and go around it, its input stays the same
+            wrapper.set_source(_unwrapped(model.get_submodule(source_name)))
+    state["adapters"][name] = (replace(config), [site for site, _ in sites])  # a copy: callers may reuse theirs
+    model.__dict__[STATE] = state
+    set_active(model, name)
+
+
+def adapter_state_dict(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
+    return {key: t.detach().clone() for key, t in _adapter_tensors(model, name).items()}
+
+
+def load_adapter_state_dict(model: nn.Module, name: str, state_dict: dict) -> None:
+    own = _adapter_tensors(model, name)
+    missing = sorted(set(own) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(own))
+    problems = []
+    if missing:
+        problems.append(f"missing keys: {_some(missing)}")
+    if unexpected:
+        problems.append(f"unexpected keys: {_some(unexpected)}")
+    for key in sorted(set(own) & set(state_dict)):
+        value = state_dict[key]
+        if not isinstance(value, torch.Tensor):
+            problems.append(f"{key} is a {type(value).__name__}, not a tensor")
+        elif value.shape != own[key].shape:
+            problems.append(f"{key} has shape {tuple(value.shape)}, expected {tuple(own[key].shape)}")
+    if problems:
+        raise PeftkitError(f"cannot load bottleneck adapter {name!r}: " + "; ".join(problems))
+    with torch.no_grad():
+        for key, param in own.items():
+            param.copy_(state_dict[key])
+
+
+def set_active(model: nn.Module, name) -> None:
+    state = _state(model)
+    known = state["adapters"]
+    if isinstance(name, (list, tuple)):
+        if not name:
+            raise PeftkitError("set_active got an empty list; give one adapter name (or None) per batch row")
+        bad = [n for n in name if n is not None and n not in known]
+        if bad:
+            raise PeftkitError(f"unknown adapter(s) {_some(sorted(set(map(str, bad))))}; existing: {_some(list(known)) or 'none'}")
+        name = tuple(name)
+    elif name is not None and name not in known:
+        raise PeftkitError(f"unknown adapter {name!r}; existing: {_some(list(known)) or 'none'}")
+    state["active"] = name
+    for module in model.modules():
+        if isinstance(module, BottleneckWrapper):
+            module.active = name
+
+
+def remove(model: nn.Module, name: str) -> None:
+    state = _state(model)
+    _, sites = _entry(model, name)
+    for site in sites:
+        wrapper = model.get_submodule(site)
+        del wrapper.adapters[name]
+        if not any(a.parallel for a in wrapper.adapters.values()):
+            wrapper.set_source(None)
+        if not wrapper.adapters:  # nothing left: put the original module back
+            _replace(model, site, wrapper.base_layer)
+    del state["adapters"][name]
+    if not state["adapters"]:  # the model is back to its original modules
+        del model.__dict__[STATE]
+        return
+    active = state["active"]
+    if isinstance(active, tuple):
+        active = tuple(None if n == name else n for n in active)
+    elif active == name:
+        active = None
+    set_active(model, active)
+
+
+# --- where adapters go ---
+
+def _plan(model, config) -> list[tuple[str, str | None]]:
+    """(module to wrap, module whose input parallel adapters read or None) per insertion point."""
+    modules = dict(_visible_modules(model))
+    if config.method == "parallel":
+        layout = layout_of(model)
+        inputs = _matching(modules, [layout.ffn_input])
+        outputs = _matching(modules, [layout.ffn_output])
+        if not outputs or len(inputs) != len(outputs):
+            raise PeftkitError(
+                f"parallel adapter: found {len(inputs)} feed-forward inputs ({layout.ffn_input!r}) and "
+                f"{len(outputs)} outputs ({layout.ffn_output!r}) in {type(model).__name__}; need the same number, > 0"
+            )
+        # named_modules() lists modules in layer order, so the i-th input and output share a layer
+        return [(out, None if inp == out else inp) for inp, out in zip(inputs, outputs)]
+
+    if config.target_modules is not None:
+        patterns = config.target_modules
+    else:
+        layout = layout_of(model)
+        patterns = ([layout.attention_output] if config.method == "houlsby" else []) + [layout.ffn_output]
+    sites = _matching(modules, patterns)
+    if not sites:
+        raise PeftkitError(
+            f"target_modules {patterns} matched no module of {type(model).__name__}; "
+            f"candidates: {_some(_candidates(modules), 12)}"
+        )
+    nested = [(a, b) for a in sites for b in sites if b.startswith(a + ".")]
+    if nested:
+        a, b = nested[0]
+        raise PeftkitError(
+            f"target_modules match both {a!r} and its submodule {b!r}; make the patterns more specific (e.g. end them with '$')"
+        )
+    return [(site, None) for site in sites]
+
+
+def _visible_modules(model, prefix=""):
+    """named_modules(), but a wrapper stands for the module it wraps (its insides are ours)."""
+    for child_name, child in model.named_children():
+        full = prefix + child_name
+        yield full, child
+        if not isinstance(child, BottleneckWrapper):
+            yield from _visible_modules(child, full + ".")
+
+
+def _matching(modules: dict, patterns) -> list[str]:
+    return [n for n in modules if any(re.search(p, n) for p in patterns)]
+
+
+def _candidates(modules: dict) -> list[str]:
+    """Linear-like module names with layer numbers replaced by N, for error messages."""
+    names = [n for n, m in modules.items() if _out_features(_unwrapped(m), None) is not None]
+    return list(dict.fromkeys(re.sub(r"\.\d+(?=\.|$)", ".N", n) for n in names))
+
+
+# --- wrapping modules ---
+
+def _wrap(model, site: str) -> BottleneckWrapper:
+    module = model.get_submodule(site)
+    if isinstance(module, BottleneckWrapper):
+        return module
+    wrapper = BottleneckWrapper(module)
+    _replace(model, site, wrapper)
+    return wrapper
+
+
+def _replace(model, site: str, new: nn.Module):
+    parent_name, _, child = site.rpartition(".")
+    setattr(model.get_submodule(parent_name), child, new)
+
+
+def _unwrapped(module):
+    return module.base_layer if isinstance(module, BottleneckWrapper) else module
+
+
+def _out_features(module, default):
+    # nn.Linear and bitsandbytes' Linear4bit/Linear8bitLt have out_features; GPT-2's Conv1D has nf
+    for attr in ("out_features", "nf"):
+        value = module.__dict__.get(attr)
+        if isinstance(value, int):
+            return value
+    return default
+
+
+def _hidden_size(model) -> int:
+    hidden = getattr(getattr(model, "config", None), "hidden_size", None)
+    if not isinstance(hidden, int):
+        raise PeftkitError(f"cannot tell the hidden size of {type(model).__name__}: its config has no hidden_size")
+    return hidden
+
+
+def _device_of(module, model):
+    for t in module.parameters():
+        return t.device
+    return model.device
+
+
+# --- per-model state ---
+
+def _state(model) -> dict:
+    # Lives in the model's __dict__ (not a submodule or buffer), so it follows the model
+    # object and never shows up in its state dict. inject attaches it; a model that never
+    # had an adapter gets a detached empty one, so failed calls leave no trace.
+    return model.__dict__.get(STATE) or {"adapters": {}, "active": None}
+
+
+def _entry(model, name):
+    adapters = _state(model)["adapters"]
+    if name not in adapters:
+        raise PeftkitError(f"unknown bottleneck adapter {name!r}; existing: {_some(list(adapters)) or 'none'}")
+    return adapters[name]
+
+
+def _adapter_tensors(model, name) -> dict[str, torch.Tensor]:
+    _, sites = _entry(model, name)
+    out = {}
+    for site in sites:
+        adapter = model.get_submodule(site).adapters[name]
+        for key, t in adapter.state_dict(keep_vars=True).items():
+            out[f"{site}.{key}"] = t
+    return out
+
+
+def _some(items, k=8) -> str:
+    items = [str(i) for i in items]
+    return ", ".join(items[:k]) + (f", ... ({len(items)} in all)" if len(items) > k else "")
