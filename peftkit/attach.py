@@ -11,6 +11,7 @@ from peft import PeftModel, get_peft_model, prepare_model_for_kbit_training
 
 from .errors import PeftkitError
 from .fingerprint import fingerprint
+from .loading import keep_standard_4bit_layout
 from .presets import resolve_spec
 from .tuners.lora import lora_config
 
@@ -113,7 +114,8 @@ def task_heads(model) -> list[str]:
     body = getattr(model, model.base_model_prefix, None)
     lm_head = model.get_output_embeddings()
     return [name for name, child in model.named_children()
-            if child is not body and child is not lm_head and any(True for _ in child.parameters())]
+            if child is not body and child is not lm_head and not name.startswith("_peftkit")
+            and any(True for _ in child.parameters())]
 
 
 def base_name(model) -> str:
@@ -145,6 +147,7 @@ def _tuner_options(method: str, options: dict) -> dict:
 def _freeze(model, gradient_checkpointing: bool | None) -> None:
     model.requires_grad_(False)
     if is_quantized(model):
+        keep_standard_4bit_layout(model)
         prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing is not False)
     elif gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

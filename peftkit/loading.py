@@ -34,7 +34,18 @@ def load_model(name_or_path: str, task: str = "causal-lm", quantize: str | None 
         kwargs["device_map"] = {"": 0} if torch.cuda.is_available() else {"": "cpu"}
     model = model_cls.from_pretrained(resolve_model(name_or_path), **kwargs)
     model.config.peftkit_base_name = model_name(name_or_path)
+    keep_standard_4bit_layout(model)
     return model
+
+
+def keep_standard_4bit_layout(model) -> None:
+    """Stop bitsandbytes from repacking 4-bit weights for its CPU inference
+    kernel. It does so on the first no-grad eval forward, in place, rounding the
+    scales to bf16; backward through repacked weights is then wrong (we measured
+    ~10% gradient error), and eval would no longer match training or a merge."""
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
 
 
 def load_tokenizer(name_or_path: str):

@@ -26,22 +26,44 @@ CONFIG = "adapter_config.json"
 
 def save_adapter(model, path, name: str | None = None) -> Path:
     """Write adapter `name` (default: the only or active one) and its task heads to `path`."""
-    name, info = pick_adapter(model, name)
+    pick_adapter(model, name)  # fail before creating anything
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
-        if info.method == "lora":
-            _save_lora(model, name, info, tmp)
-        else:
-            state = {**tuner(info.method).adapter_state_dict(model, name), **_head_state(base_model(model))}
-            save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, tmp / WEIGHTS,
-                      metadata={"format": "pt"})
-            _write_json(tmp / CONFIG, {"peftkit": _record(info)})
+        write_adapter_files(model, tmp, name)
         _replace_dir(tmp, path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return path
+
+
+def write_adapter_files(model, folder: Path, name: str | None = None) -> None:
+    """The adapter's two files, written into an existing folder (a training
+    checkpoint, or save_adapter's staging folder)."""
+    name, info = pick_adapter(model, name)
+    if info.method == "lora":
+        _save_lora(model, name, info, Path(folder))
+    else:
+        state = {**tuner(info.method).adapter_state_dict(model, name), **_head_state(base_model(model))}
+        save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, Path(folder) / WEIGHTS,
+                  metadata={"format": "pt"})
+        _write_json(Path(folder) / CONFIG, {"peftkit": _record(info)})
+
+
+def restore_adapter_weights(model, folder: Path, name: str | None = None) -> None:
+    """Put the weights of a checkpoint back into the adapter already in `model`."""
+    name, info = pick_adapter(model, name)
+    state = read_weights(Path(folder) / WEIGHTS)
+    if info.method == "lora":
+        from peft import set_peft_model_state_dict
+        set_peft_model_state_dict(model, state, adapter_name=name)
+        return
+    base = base_model(model)
+    heads = {k: v for k, v in state.items() if k.split(".")[0] in task_heads(base)}
+    _check_heads(base, heads)
+    tuner(info.method).load_adapter_state_dict(model, name, {k: v for k, v in state.items() if k not in heads})
+    base.load_state_dict(heads, strict=False)
 
 
 def load_adapter(model, path, name: str | None = None, trainable: bool = False):

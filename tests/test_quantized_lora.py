@@ -40,17 +40,16 @@ def test_lora_on_quantized_base(tmp_path, tiny_dir, quantize):
     torch.testing.assert_close(logits(loaded, inputs), expected, rtol=0, atol=1e-6)
 
     # The merge is exact against the same adapter on the dequantized base ...
-    # (a forward first, as the trained model had one: bnb's CPU kernels repack weights on first use)
     dequantized = peftkit.load_model(tiny_dir, task="classification", quantize=quantize)
-    logits(dequantized, inputs)
     reference = logits(peftkit.load_adapter(dequantize(dequantized), tmp_path / "a"), inputs)
     merged = peftkit.merge(model)
     assert not any(type(m).__module__.startswith("bitsandbytes") for m in merged.modules())
     assert isinstance(merged.model.layers[0].self_attn.q_proj, nn.Linear)
     assert getattr(merged.config, "quantization_config", None) is None
     torch.testing.assert_close(logits(merged, inputs), reference, rtol=0, atol=1e-4)
-    # ... and close to the quantized forward, whose CPU kernels round absmax and activations to 16 bits.
-    torch.testing.assert_close(logits(merged, inputs), expected, rtol=0, atol=5e-3)
+    # ... and equal to the quantized forward where that forward is float32 (4-bit); LLM.int8
+    # quantizes activations too, so 8-bit is only close.
+    torch.testing.assert_close(logits(merged, inputs), expected, rtol=0, atol=1e-4 if quantize != "8bit" else 5e-3)
 
     merged.save_pretrained(tmp_path / "merged")
     again = peftkit.load_model(tmp_path / "merged", task="classification")
