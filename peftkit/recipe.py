@@ -1,0 +1,148 @@
+"""Recipes: one YAML file says what to train; dotted overrides change it.
+
+The schema is plain dataclasses. Loading checks every key and type before any
+work starts, and names the allowed keys at the level where a key is wrong.
+"""
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from .errors import PeftkitError
+from .presets import read_yaml
+
+RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
+TASKS = ("classification", "qa", "generation")
+
+
+@dataclass
+class Data:
+    dataset: str  # an embedded name, a local file or folder, or a hub dataset id
+    text: str = "text"  # classification: the input column
+    label: str = "label"  # classification: the label column
+    labels: list[str] | None = None  # classification: label names, in id order (default: from the data)
+    question: str = "question"  # qa columns (SQuAD layout)
+    context: str = "context"
+    answers: str = "answers"
+    prompt: str = "prompt"  # generation: the input column ...
+    target: str = "target"  # ... and the column the model learns to write
+    instruction: str | None = None  # generation: text put before each prompt in the user turn
+    max_train_samples: int | None = None
+    max_eval_samples: int | None = None
+
+
+@dataclass
+class Train:
+    epochs: float = 1.0
+    max_steps: int = -1  # > 0 overrides epochs
+    batch_size: int = 16
+    grad_accum: int = 1
+    lr: float = 5e-4
+    schedule: str = "linear"  # linear | cosine
+    warmup_ratio: float = 0.06
+    weight_decay: float = 0.0
+    max_length: int = 128
+    doc_stride: int = 64  # qa: overlap between windows of a long context
+    max_new_tokens: int = 32  # generation: length of generated answers at evaluation
+    eval_batch_size: int = 64
+    seed: int = 42
+    gradient_checkpointing: bool | None = None  # None: on for 4/8-bit bases
+    logging_steps: int = 10
+    save_steps: int = 200
+
+
+@dataclass
+class Recipe:
+    name: str  # the run folder: runs/<name>/
+    task: str  # classification | qa | generation
+    model: str  # embedded name (minilm-l6, smollm2-135m), local folder or hub id
+    method: str | dict  # a preset from adapters/, a preset YAML path, or an inline mapping
+    data: Data
+    train: Train = field(default_factory=Train)
+    quantize: str | None = None  # nf4 | fp4 | 4bit | 8bit (presets may set it)
+    output_dir: str = "runs"
+
+    def __post_init__(self):
+        if self.task not in TASKS:
+            raise PeftkitError(f"task must be one of {', '.join(TASKS)}, got {self.task!r}")
+        if self.train.schedule not in ("linear", "cosine"):
+            raise PeftkitError(f"train.schedule must be linear or cosine, got {self.train.schedule!r}")
+        for key in ("batch_size", "grad_accum", "max_length", "eval_batch_size", "logging_steps", "save_steps"):
+            if getattr(self.train, key) <= 0:
+                raise PeftkitError(f"train.{key} must be positive, got {getattr(self.train, key)}")
+        if self.train.lr <= 0:
+            raise PeftkitError(f"train.lr must be positive, got {self.train.lr}")
+
+
+def recipe_names() -> list[str]:
+    return sorted(p.stem for p in RECIPES_DIR.glob("*.yaml"))
+
+
+def load_recipe(path_or_name: str, overrides: list[str] = ()) -> Recipe:
+    path = Path(path_or_name)
+    if not path.is_file():
+        named = RECIPES_DIR / f"{path_or_name}.yaml"
+        if not named.is_file():
+            raise PeftkitError(f"recipe {path_or_name} does not exist; shipped recipes: {', '.join(recipe_names())}")
+        path = named
+    data = read_yaml(path)
+    for item in overrides:
+        apply_override(data, item)
+    return build(Recipe, data, "")
+
+
+def apply_override(data: dict, item: str) -> None:
+    """`train.epochs=2` sets data["train"]["epochs"] = 2 (values parsed as YAML)."""
+    if "=" not in item:
+        raise PeftkitError(f"override {item!r} must look like key=value, e.g. train.epochs=2")
+    key, value = item.split("=", 1)
+    *parents, last = key.split(".")
+    node = data
+    for part in parents:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise PeftkitError(f"override {key}: {part} is not a section")
+    node[last] = yaml.safe_load(value)
+
+
+def build(cls, data, where: str):
+    """Instantiate dataclass `cls` from a mapping, checking keys and types."""
+    if not isinstance(data, dict):
+        raise PeftkitError(f"{where or 'the recipe'} must be a mapping, got {type(data).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise PeftkitError(f"unknown key {where}{unknown[0]}; allowed at this level: {', '.join(fields)}")
+    hints = typing.get_type_hints(cls)
+    values = {}
+    for name, f in fields.items():
+        if name not in data:
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise PeftkitError(f"missing required key {where}{name}")
+            continue
+        values[name] = _typed(data[name], hints[name], f"{where}{name}")
+    return cls(**values)
+
+
+def _typed(value, hint, where: str):
+    if dataclasses.is_dataclass(hint):
+        return build(hint, value, where + ".")
+    options = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+    for option in options:
+        if option is type(None) and value is None:
+            return None
+        if option is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if option is float and isinstance(value, str):  # YAML 1.1 reads 5e-4 as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        origin = typing.get_origin(option) or option
+        if origin is not type(None) and isinstance(value, origin) and not (origin is int and isinstance(value, bool)):
+            return value
+    names = " or ".join(getattr(o, "__name__", str(o)) for o in options)
+    raise PeftkitError(f"{where} must be {names}, got {value!r} ({type(value).__name__})")

@@ -1,0 +1,53 @@
+"""A finished run folder (or a bare adapter folder with its recipe) reopened
+for evaluation, prediction and merging."""
+from dataclasses import dataclass
+from pathlib import Path
+
+from .datasource import load_splits
+from .errors import PeftkitError
+from .loading import load_model, load_tokenizer
+from .merge import merge
+from .recipe import Recipe, build
+from .presets import read_yaml, resolve_spec
+from .saving import load_adapter, read_adapter_config
+from .tasks import task_module
+
+
+@dataclass
+class Run:
+    path: Path
+    recipe: Recipe
+    model: object
+    tokenizer: object
+
+    @property
+    def task(self):
+        return task_module(self.recipe.task)
+
+    def evaluate(self, split: str = "test") -> dict:
+        splits = load_splits(self.recipe.data, self.recipe.train.seed)
+        return self.task.evaluate(self.model, self.tokenizer, splits[split], self.recipe)
+
+    def predict(self, rows: list[dict]) -> list[dict]:
+        return self.task.predict(self.model, self.tokenizer, rows, self.recipe)
+
+    def merge(self, out: Path) -> None:
+        merged = merge(self.model)
+        merged.save_pretrained(out)
+        self.tokenizer.save_pretrained(out)
+
+
+def open_run(path) -> Run:
+    path = Path(path)
+    config = read_adapter_config(path)
+    if not (path / "recipe.yaml").is_file():
+        raise PeftkitError(f"{path} has no recipe.yaml; `peftkit train` writes one next to the adapter")
+    recipe = build(Recipe, read_yaml(path / "recipe.yaml"), "")
+    task = (config.get("peftkit") or {}).get("task", {})
+    _, _, preset_quantize = resolve_spec(recipe.method)
+    extra = {"num_labels": task["num_labels"], "id2label": {int(k): v for k, v in task["id2label"].items()}} \
+        if "num_labels" in task else {}
+    tokenizer = load_tokenizer(recipe.model)
+    base = load_model(recipe.model, task=task.get("class", task_module(recipe.task).MODEL_TASK),
+                      quantize=recipe.quantize or preset_quantize, pad_token_id=tokenizer.pad_token_id, **extra)
+    return Run(path, recipe, load_adapter(base, path), tokenizer)

@@ -1,0 +1,175 @@
+"""`peftkit train`: one recipe in, one evaluated, exported adapter out.
+
+The loop is transformers' Trainer (so accelerate, multi-GPU and resuming come
+with it); peftkit adds only what it lacks: checkpoints that hold the adapter
+rather than the base, and a run folder that appears only when complete.
+"""
+import json
+import os
+import resource
+import shutil
+import tempfile
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+import yaml
+from peft import PeftModel
+from transformers import Trainer, TrainingArguments
+from transformers.trainer_utils import get_last_checkpoint
+
+from .attach import attach
+from .datasource import load_splits
+from .errors import PeftkitError
+from .loading import load_model, load_tokenizer
+from .presets import resolve_spec
+from .recipe import Recipe
+from .report import param_report
+from .saving import _replace_dir, restore_adapter_weights, write_adapter_files
+from .tasks import task_module
+
+
+class AdapterTrainer(Trainer):
+    """Checkpoints hold the adapter and trained heads (plus optimizer state), never the base."""
+
+    def _save(self, output_dir=None, state_dict=None):
+        if isinstance(self.model, PeftModel):
+            return super()._save(output_dir, state_dict)
+        os.makedirs(output_dir, exist_ok=True)
+        write_adapter_files(self.model, Path(output_dir))
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        if isinstance(self.model, PeftModel):
+            return super()._load_from_checkpoint(resume_from_checkpoint, model)
+        restore_adapter_weights(self.model, Path(resume_from_checkpoint))
+
+
+def train(recipe: Recipe, resume: bool = False) -> Path:
+    run_dir = Path(recipe.output_dir) / recipe.name
+    work = run_dir.parent / f".{recipe.name}.work"  # checkpoints live here until the run ends
+    task = task_module(recipe.task)
+    _, _, preset_quantize = resolve_spec(recipe.method)
+    quantize = recipe.quantize or preset_quantize
+    checkpoint = _checkpoint_to_resume(work, resume)
+
+    tokenizer = load_tokenizer(recipe.model)
+    splits = load_splits(recipe.data, recipe.train.seed)
+    prepared = task.prepare(recipe, splits, tokenizer)  # every data check happens here, before training
+    model = load_model(recipe.model, task=task.MODEL_TASK, quantize=quantize, **prepared["model_kwargs"])
+    before = task.evaluate(model, tokenizer, splits["test"], recipe, desc="base model")
+    model = attach(model, recipe.method, gradient_checkpointing=recipe.train.gradient_checkpointing)
+    report = param_report(model)
+
+    trainer = AdapterTrainer(model=model, args=_arguments(recipe, work, quantize), data_collator=prepared["collator"],
+                             train_dataset=prepared["train"])
+    start = time.perf_counter()
+    result = trainer.train(resume_from_checkpoint=checkpoint)
+    train_seconds = time.perf_counter() - start
+    after = task.evaluate(model, tokenizer, splits["test"], recipe, desc="adapted")
+
+    metrics = {
+        "task": recipe.task, "model": recipe.model, "method": recipe.method, "quantize": quantize,
+        "test_examples": len(splits["test"]), "base": before, "adapted": after,
+        "train_seconds": round(train_seconds, 1),
+        "train_samples_per_second": result.metrics.get("train_samples_per_second"),
+        "peak_memory_mb": round(_peak_memory_mb(), 1),
+        "trainable_params": report["trainable"], "total_params": report["total"],
+        "trainable_ratio": report["ratio"],
+    }
+    _write_run(run_dir, model, recipe, metrics, trainer.state.log_history)
+    shutil.rmtree(work, ignore_errors=True)
+    print(summary(run_dir, metrics))
+    return run_dir
+
+
+def summary(run_dir: Path, metrics: dict) -> str:
+    rows = [f"run          {run_dir}",
+            f"model        {metrics['model']}  method {metrics['method']}  quantize {metrics['quantize']}",
+            f"trainable    {metrics['trainable_params']:,} of {metrics['total_params']:,} "
+            f"({metrics['trainable_ratio']:.3%})",
+            f"train        {metrics['train_seconds']} s, {metrics['train_samples_per_second']} samples/s, "
+            f"peak memory {metrics['peak_memory_mb']} MB",
+            f"test ({metrics['test_examples']} examples)"]
+    for key in metrics["adapted"]:
+        rows.append(f"  {key:<11} base {metrics['base'][key]:.4f}  ->  adapted {metrics['adapted'][key]:.4f}")
+    rows.append(f"load it      peftkit.load_adapter(base_model, '{run_dir}')  or  peftkit predict {run_dir} --input -")
+    return "\n".join(rows)
+
+
+def _checkpoint_to_resume(work: Path, resume: bool) -> str | None:
+    if not resume:
+        shutil.rmtree(work, ignore_errors=True)  # a new run starts clean; a finished run's folder is untouched
+        return None
+    last = get_last_checkpoint(str(work / "checkpoints")) if (work / "checkpoints").is_dir() else None
+    if last is None:
+        raise PeftkitError(f"--resume: no checkpoint under {work / 'checkpoints'}; start the run without --resume")
+    return last
+
+
+def _arguments(recipe: Recipe, work: Path, quantize) -> TrainingArguments:
+    t = recipe.train
+    gpu = torch.cuda.is_available()
+    return TrainingArguments(
+        output_dir=str(work / "checkpoints"),
+        per_device_train_batch_size=t.batch_size,
+        gradient_accumulation_steps=t.grad_accum,
+        learning_rate=t.lr,
+        lr_scheduler_type=t.schedule,
+        warmup_steps=t.warmup_ratio,  # a float below 1 is a fraction of the steps
+        weight_decay=t.weight_decay,
+        num_train_epochs=t.epochs,
+        max_steps=t.max_steps,
+        logging_steps=t.logging_steps,
+        save_steps=t.save_steps,
+        save_total_limit=2,
+        seed=t.seed,
+        data_seed=t.seed,
+        train_sampling_strategy="group_by_length",
+        bf16=gpu and torch.cuda.is_bf16_supported() and not quantize,
+        use_cpu=not gpu,
+        report_to=[],
+        dataloader_num_workers=0,
+        remove_unused_columns=False,
+    )
+
+
+def _write_run(run_dir: Path, model, recipe: Recipe, metrics: dict, log: list) -> None:
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{run_dir.name}.", dir=run_dir.parent))
+    try:
+        write_adapter_files(model, tmp)
+        (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        (tmp / "recipe.yaml").write_text(yaml.safe_dump(asdict(recipe), sort_keys=False))
+        (tmp / "train_log.jsonl").write_text("".join(json.dumps(row) + "\n" for row in log))
+        (tmp / "README.md").write_text(_model_card(run_dir, recipe, metrics))
+        _replace_dir(tmp, run_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _model_card(run_dir: Path, recipe: Recipe, metrics: dict) -> str:
+    scores = ", ".join(f"{k} {v:.4f}" for k, v in metrics["adapted"].items())
+    return f"""# {recipe.name}
+
+A {recipe.method if isinstance(recipe.method, str) else recipe.method.get('method')} adapter for
+`{recipe.model}`, task `{recipe.task}`, trained by peftkit on `{recipe.data.dataset}`.
+
+Test ({metrics['test_examples']} examples): {scores}.
+Trainable parameters: {metrics['trainable_params']:,} of {metrics['total_params']:,}
+({metrics['trainable_ratio']:.3%}).
+
+```python
+import peftkit
+base = peftkit.load_model("{recipe.model}", task="{task_module(recipe.task).MODEL_TASK}")
+model = peftkit.load_adapter(base, "{run_dir}")
+```
+
+or from the shell: `peftkit predict {run_dir} --input rows.jsonl`. The recipe that made it is recipe.yaml.
+"""
+
+
+def _peak_memory_mb() -> float:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
