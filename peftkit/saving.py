@@ -148,8 +148,9 @@ def _load_own(model, name, info, state, trainable) -> None:
     for param in model.parameters():
         param.requires_grad_(False)
     if trainable:
+        head_names = task_heads(base)
         for key, param in model.named_parameters():
-            if f".{name}." in key or key.split(".")[0] in heads:
+            if f".{name}." in key or key.split(".")[0] in head_names:
                 param.requires_grad_(True)
 
 
