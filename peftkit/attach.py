@@ -148,7 +148,8 @@ def _freeze(model, gradient_checkpointing: bool | None) -> None:
     model.requires_grad_(False)
     if is_quantized(model):
         keep_standard_4bit_layout(model)
-        prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing is not False)
+        prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing is not False,
+                                        gradient_checkpointing_kwargs={"use_reentrant": False})
     elif gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()

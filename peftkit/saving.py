@@ -77,8 +77,18 @@ def load_adapter(model, path, name: str | None = None, trainable: bool = False):
     name = name or ("default" if not adapters_of(model) else Path(path).name)
     if name in adapters_of(model):
         raise PeftkitError(f"the model already holds an adapter named {name!r}; pass another name=")
+    base = base_model(model)
+    if info.task.get("class") and info.task["class"] != type(base).__name__:
+        raise PeftkitError(
+            f"this adapter was trained on {info.base_name!r} with a {info.task['class']} but the model given is "
+            f"{base_name(base)!r}, a {type(base).__name__}; build the base for the same task "
+            "(peftkit.load_model(..., task=...))"
+        )
     if info.base_fingerprint:
-        check_same_base(info.base_fingerprint, base_fingerprint(model), info.base_name, base_name(base_model(model)))
+        check_same_base(info.base_fingerprint, base_fingerprint(model), info.base_name, base_name(base))
+    # peft keys read base_model.model.<module>...; heads are the keys under a task head
+    heads = {k.removeprefix("base_model.model."): v for k, v in state.items()}
+    _check_heads(base, {k: v for k, v in heads.items() if k.split(".")[0] in task_heads(base) and "lora_" not in k})
     existing = adapters_of(model)
     if info.method == "lora":
         lora = LoraConfig.from_peft_type(**{k: v for k, v in config.items() if k != "peftkit"})

@@ -99,3 +99,18 @@ def test_adapter_at_init_reproduces_base():
         base = outputs(make_tiny("llama", "lm"), inputs)
         torch.testing.assert_close(outputs(peftkit.attach(make_tiny("llama", "lm"), method), inputs), base,
                                    rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("method", ["lora", "houlsby"])
+def test_other_task_or_head_is_refused_untouched(tmp_path, method):
+    peftkit.save_adapter(peftkit.attach(make_tiny("bert", "cls"), method), tmp_path / "a")
+    qa = make_tiny("bert", "qa")
+    with pytest.raises(peftkit.PeftkitError, match="with a BertForSequenceClassification but the model "
+                                                    "given is .*a BertForQuestionAnswering"):
+        peftkit.load_adapter(qa, tmp_path / "a")
+    wider = make_tiny("bert", "cls")
+    wider.classifier = torch.nn.Linear(32, 5)
+    names = [n for n, _ in wider.named_modules()]
+    with pytest.raises(peftkit.PeftkitError, match="head classifier.(weight|bias) has shape"):
+        peftkit.load_adapter(wider, tmp_path / "a")
+    assert [n for n, _ in wider.named_modules()] == names and not hasattr(wider, "peftkit_adapters")
