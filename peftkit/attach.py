@@ -111,6 +111,8 @@ def is_quantized(model) -> bool:
 def task_heads(model) -> list[str]:
     """Top-level modules a task adds on top of the pretrained body: a classifier,
     a span head, a score head. The LM head is pretrained, not a task head."""
+    if model.base_model is model:  # a bare body (BertModel, LlamaModel): no task head on top
+        return []
     body = getattr(model, model.base_model_prefix, None)
     lm_head = model.get_output_embeddings()
     return [name for name, child in model.named_children()

@@ -4,6 +4,7 @@ import json
 import sys
 from pathlib import Path
 
+from .bench import add_bench_parser, run_bench
 from .errors import PeftkitError
 
 
@@ -30,6 +31,7 @@ def main(argv=None) -> int:
 
     commands.add_parser("presets", help="list the method presets in adapters/")
     commands.add_parser("recipes", help="list the shipped recipes")
+    add_bench_parser(commands)
 
     args = parser.parse_args(argv)
     try:
@@ -93,7 +95,7 @@ def _parse_row(line: str, number: int) -> dict:
 
 
 COMMANDS = {"train": _train, "eval": _eval, "predict": _predict, "merge": _merge, "presets": _presets,
-            "recipes": _recipes}
+            "recipes": _recipes, "bench": run_bench}
 
 if __name__ == "__main__":
     sys.exit(main())
