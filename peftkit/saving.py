@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -27,15 +28,9 @@ CONFIG = "adapter_config.json"
 def save_adapter(model, path, name: str | None = None) -> Path:
     """Write adapter `name` (default: the only or active one) and its task heads to `path`."""
     pick_adapter(model, name)  # fail before creating anything
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    try:
+    with staged_dir(path) as tmp:
         write_adapter_files(model, tmp, name)
-        _replace_dir(tmp, path)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return path
+    return Path(path)
 
 
 def write_adapter_files(model, folder: Path, name: str | None = None) -> None:
@@ -195,13 +190,22 @@ def _write_json(file: Path, data: dict) -> None:
     file.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
-def _replace_dir(tmp: Path, path: Path) -> None:
-    """Rename the finished folder into place; an old one is moved aside first
-    and deleted only after the new one is there."""
-    old = None
-    if path.exists():
-        old = path.with_name(f".{path.name}.old-{os.getpid()}")
-        path.rename(old)
-    tmp.rename(path)
-    if old is not None:
-        shutil.rmtree(old)
+@contextmanager
+def staged_dir(path):
+    """A temporary folder beside `path` that replaces `path` whole once the block
+    finishes; an interrupted block leaves `path` as it was. An old folder is
+    moved aside first and deleted only after the new one is in place."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        yield tmp
+        old = None
+        if path.exists():
+            old = path.with_name(f".{path.name}.old-{os.getpid()}")
+            path.rename(old)
+        tmp.rename(path)
+        if old is not None:
+            shutil.rmtree(old)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

@@ -8,7 +8,6 @@ import json
 import os
 import resource
 import shutil
-import tempfile
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -26,7 +25,7 @@ from .loading import load_model, load_tokenizer
 from .presets import resolve_spec
 from .recipe import Recipe
 from .report import param_report
-from .saving import _replace_dir, restore_adapter_weights, write_adapter_files
+from .saving import restore_adapter_weights, staged_dir, write_adapter_files
 from .tasks import task_module
 
 
@@ -135,17 +134,12 @@ def _arguments(recipe: Recipe, work: Path, quantize) -> TrainingArguments:
 
 
 def _write_run(run_dir: Path, model, recipe: Recipe, metrics: dict, log: list) -> None:
-    run_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{run_dir.name}.", dir=run_dir.parent))
-    try:
+    with staged_dir(run_dir) as tmp:
         write_adapter_files(model, tmp)
         (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
         (tmp / "recipe.yaml").write_text(yaml.safe_dump(asdict(recipe), sort_keys=False))
         (tmp / "train_log.jsonl").write_text("".join(json.dumps(row) + "\n" for row in log))
         (tmp / "README.md").write_text(_model_card(run_dir, recipe, metrics))
-        _replace_dir(tmp, run_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _model_card(run_dir: Path, recipe: Recipe, metrics: dict) -> str:
