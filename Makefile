@@ -17,8 +17,10 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(PY) -m pip install -q -e ".[test]"
 	@touch $@
 
+# The sentiment recipe on a 3,000-review cut of its training set, so it ends in minutes on a laptop CPU;
+# the full recipe (peftkit train recipes/sentiment-lora.yaml) is the one that reaches 82% accuracy.
 demo: setup
-	$(VENV)/bin/peftkit train recipes/sentiment-lora.yaml
+	$(VENV)/bin/peftkit train recipes/sentiment-lora.yaml name=demo-sentiment data.max_train_samples=3000
 
 test: setup
 	$(PY) -m pytest -q
