@@ -57,6 +57,7 @@ def train(recipe: Recipe, resume: bool = False) -> Path:
     prepared = task.prepare(recipe, splits, tokenizer)  # every data check happens here, before training
     model = load_model(recipe.model, task=task.MODEL_TASK, quantize=quantize, **prepared["model_kwargs"])
     before = task.evaluate(model, tokenizer, splits["test"], recipe, desc="base model")
+    baseline = task.baseline_scores(splits["test"], recipe) if hasattr(task, "baseline_scores") else None
     model = attach(model, recipe.method, gradient_checkpointing=recipe.train.gradient_checkpointing)
     report = param_report(model)
 
@@ -70,6 +71,7 @@ def train(recipe: Recipe, resume: bool = False) -> Path:
     metrics = {
         "task": recipe.task, "model": recipe.model, "method": recipe.method, "quantize": quantize,
         "test_examples": len(splits["test"]), "base": before, "adapted": after,
+        **({"baseline": baseline} if baseline else {}),
         "train_seconds": round(train_seconds, 1),
         "train_samples_per_second": result.metrics.get("train_samples_per_second"),
         "peak_memory_mb": round(_peak_memory_mb(), 1),
