@@ -1,6 +1,7 @@
-"""The `peftkit` command: train, eval, predict, merge, presets, recipes."""
+"""The `peftkit` command: train, eval, predict, merge, serve, presets, recipes."""
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -22,8 +23,26 @@ def main(argv=None) -> int:
     p.add_argument("--split", default="test", choices=["train", "validation", "test"])
 
     p = commands.add_parser("predict", help="one JSON object per line in, one out")
-    p.add_argument("run")
+    p.add_argument("run", nargs="?", help="a run folder; or give --base and --adapter NAME=DIR (several)")
     p.add_argument("--input", required=True, help="a .jsonl file, or - for standard input")
+    p.add_argument("--base", help="one base model for several adapters; each input row names its \"adapter\"")
+    _bank_arguments(p)
+    p.add_argument("--batch-size", type=int, default=16, help="rows per forward pass, adapters mixed")
+
+    p = commands.add_parser("serve", help="serve adapters over HTTP: OpenAI-style completions, classify, answer")
+    p.add_argument("--base", required=True, help="the base model: an embedded name, a folder or a hub id")
+    _bank_arguments(p)
+    p.add_argument("--task", choices=["causal-lm", "classification", "qa"],
+                   help="the base's task when no --adapter tells it (default causal-lm)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000, help="0 picks a free port (printed at start)")
+    p.add_argument("--adapter-dir", help="the only folder the admin API may load adapters from")
+    p.add_argument("--admin-token", default=os.environ.get("PEFTKIT_ADMIN_TOKEN"),
+                   help="turns on the admin endpoints (load/unload); default $PEFTKIT_ADMIN_TOKEN")
+    p.add_argument("--max-batch", type=int, default=8, help="rows per batch, across concurrent requests")
+    p.add_argument("--batch-wait-ms", type=float, default=5.0, help="how long a batch waits for more requests")
+    p.add_argument("--max-tokens", type=int, default=256, help="largest max_tokens a request may ask for")
+    p.add_argument("--max-prompt-tokens", type=int, default=1024)
 
     p = commands.add_parser("merge", help="fold a LoRA run into its base and save a plain model")
     p.add_argument("run")
@@ -54,12 +73,57 @@ def _eval(args):
 
 
 def _predict(args):
+    if args.base or args.adapter:
+        return _predict_bank(args)
+    if not args.run:
+        raise PeftkitError("predict needs a run folder, or --base with one or more --adapter NAME=DIR")
     from .runs import open_run
     run = open_run(args.run)
     source = sys.stdin if args.input == "-" else open(args.input)
     rows = [_parse_row(line, n) for n, line in enumerate(source, 1) if line.strip()]
     for row in run.predict(rows):
         print(json.dumps(row))
+
+
+def _predict_bank(args):
+    from .bank import AdapterBank
+    if args.run or not args.base or not args.adapter:
+        raise PeftkitError("with --base give one or more --adapter NAME=DIR and no run folder")
+    bank = AdapterBank.from_adapters(args.base, _named(args.adapter), quantize=args.quantize,
+                                     batch_size=args.batch_size)
+    source = sys.stdin if args.input == "-" else open(args.input)
+    rows = [_parse_row(line, n) for n, line in enumerate(source, 1) if line.strip()]
+    for row in bank.predict(rows):
+        print(json.dumps(row))
+
+
+def _serve(args):
+    from .bank import AdapterBank
+    from .serve import create_app, serve
+    bank = AdapterBank.from_adapters(args.base, _named(args.adapter), task=args.task, quantize=args.quantize,
+                                     batch_size=args.max_batch)
+    app = create_app(bank, adapter_dir=args.adapter_dir, admin_token=args.admin_token, max_batch=args.max_batch,
+                     max_tokens=args.max_tokens, max_prompt_tokens=args.max_prompt_tokens,
+                     batch_wait_ms=args.batch_wait_ms)
+    serve(app, args.host, args.port)
+
+
+def _bank_arguments(p) -> None:
+    p.add_argument("--adapter", action="append", default=[], metavar="NAME=DIR",
+                   help="an adapter folder and the name rows/requests use for it (repeat for more)")
+    p.add_argument("--quantize", choices=["nf4", "fp4", "4bit", "8bit"], help="load the base in 4 or 8 bits")
+
+
+def _named(items: list[str]) -> dict:
+    named = {}
+    for item in items:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise PeftkitError(f"--adapter {item!r} must look like NAME=DIR")
+        if name in named:
+            raise PeftkitError(f"--adapter name {name!r} is given twice")
+        named[name] = path
+    return named
 
 
 def _merge(args):
@@ -95,7 +159,7 @@ def _parse_row(line: str, number: int) -> dict:
 
 
 COMMANDS = {"train": _train, "eval": _eval, "predict": _predict, "merge": _merge, "presets": _presets,
-            "recipes": _recipes, "bench": run_bench}
+            "recipes": _recipes, "bench": run_bench, "serve": _serve}
 
 if __name__ == "__main__":
     sys.exit(main())

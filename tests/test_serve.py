@@ -1,0 +1,225 @@
+"""`peftkit serve`, driven over real HTTP on 127.0.0.1 (an ephemeral port).
+
+Tiny random models with the real embedded tokenizers (SmolLM2's for the causal LM, MiniLM's for
+classification): concurrent clients naming different adapters must each get what the bank gives
+for their adapter alone; every class of bad request gets its 4xx and the server goes on serving.
+"""
+import json
+import os
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+from test_bank import PREFIX, make_adapter, one_thread, tiny  # noqa: F401 (one_thread: autouse fixture)
+
+import peftkit
+from peftkit import AdapterBank
+from peftkit.serve import BackgroundServer, create_app
+
+TOKEN = "s3cret"
+LORA = {"method": "lora", "init_lora_weights": False}
+
+
+@pytest.fixture(scope="module")
+def lm(tmp_path_factory):
+    """A tiny Llama with SmolLM2's tokenizer, three adapters loaded, served with admin on."""
+    root = tmp_path_factory.mktemp("serve")
+    tokenizer = peftkit.load_tokenizer("smollm2-135m")
+    size = {"vocab_size": tokenizer.vocab_size}
+    adapters = root / "adapters"
+    for i, (name, spec) in enumerate({"alpha": LORA, "beta": "houlsby", "gamma": PREFIX, "extra": "pfeiffer"}.items()):
+        make_adapter(tiny("llama", "lm", **size), spec, adapters / name, seed=i)
+    make_adapter(tiny("llama", "lm", seed=1, **size), LORA, adapters / "foreign")  # another base
+    make_adapter(tiny("llama", "lm", **size), LORA, root / "outside")
+    base = root / "tiny-llama"
+    tiny("llama", "lm", **size).save_pretrained(base)
+    tokenizer.save_pretrained(base)
+    bank = AdapterBank(str(base))
+    for name in ("alpha", "beta", "gamma"):
+        bank.load(name, adapters / name)
+    app = create_app(bank, adapter_dir=adapters, admin_token=TOKEN, max_batch=8, max_tokens=32,
+                     max_prompt_tokens=48, batch_wait_ms=300)
+    with BackgroundServer(app) as server:
+        yield server, bank, root
+
+
+def post(server, path, body, token=None, **kwargs):
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    content = body if isinstance(body, str) else json.dumps(body)
+    return httpx.post(server.url + path, content=content, headers={"Content-Type": "application/json", **headers},
+                      timeout=60, **kwargs)
+
+
+def test_models_lists_the_base_and_the_adapters(lm):
+    server, bank, _ = lm
+    data = httpx.get(server.url + "/v1/models").json()["data"]
+    assert [m["id"] for m in data] == ["tiny-llama", "alpha", "beta", "gamma"]
+    assert [m["peftkit"].get("method") for m in data] == [None, "lora", "houlsby", "prefix"]
+    assert all(m["peftkit"]["file_bytes"] > 0 for m in data[1:])
+
+
+def test_concurrent_clients_each_get_their_own_adapters_answer(lm):
+    server, bank, _ = lm
+    requests = [(model, prompt) for prompt in ("The weather today is", "Once upon a time, in a land far away,")
+                for model in ("alpha", "beta", "gamma", "tiny-llama")]
+    expected = {(m, p): bank.generate([p], adapter=None if m == "tiny-llama" else m, template=False,
+                                      max_new_tokens=8)[0] for m, p in requests}
+    for prompt in ("The weather today is",):  # otherwise a mix-up could go unnoticed
+        assert len({expected[(m, prompt)] for m in ("alpha", "beta", "gamma", "tiny-llama")}) == 4
+    before = len(server.server.config.app.state.batcher.history)
+    with ThreadPoolExecutor(len(requests)) as pool:
+        answers = list(pool.map(lambda r: post(server, "/v1/completions",
+                                               {"model": r[0], "prompt": r[1], "max_tokens": 8}), requests))
+    for (model, prompt), response in zip(requests, answers):
+        assert response.status_code == 200, response.text
+        body = response.json()
+        assert body["model"] == model and body["object"] == "text_completion"
+        assert body["choices"][0]["text"] == expected[(model, prompt)], (model, prompt)
+        assert body["usage"]["completion_tokens"] >= 1
+    batches = list(server.server.config.app.state.batcher.history)[before:]
+    assert max(len(adapters) for _, _, adapters in batches) > 1  # different adapters shared a batch
+    assert sum(rows for _, rows, _ in batches) == len(requests)
+
+
+def test_chat_completions_and_prompt_lists(lm):
+    server, bank, _ = lm
+    messages = [{"role": "user", "content": "Hello there"}]
+    response = post(server, "/v1/chat/completions", {"model": "beta", "messages": messages, "max_tokens": 6})
+    assert response.status_code == 200, response.text
+    reply = response.json()["choices"][0]["message"]
+    assert reply == {"role": "assistant", "content": bank.chat([messages], adapter="beta", max_new_tokens=6)[0]}
+    response = post(server, "/v1/completions", {"model": "gamma", "prompt": ["One", "Two three"], "max_tokens": 4})
+    assert [c["text"] for c in response.json()["choices"]] == \
+        bank.generate(["One", "Two three"], adapter="gamma", template=False, max_new_tokens=4)
+
+
+@pytest.mark.parametrize("path,body,status,message", [
+    ("/v1/completions", {"model": "nope", "prompt": "hi"}, 404, "unknown model 'nope'"),
+    ("/v1/classify", {"model": "alpha", "input": "hi"}, 400, "needs a classification model"),
+    ("/v1/answer", {"model": "alpha", "question": "who?", "context": "me"}, 400, "needs a qa model"),
+    ("/v1/completions", "this is not json", 400, "malformed request body"),
+    ("/v1/completions", {"model": "alpha"}, 400, "prompt: Field required"),
+    ("/v1/completions", {"model": "alpha", "prompt": 12}, 400, "malformed request body: prompt"),
+    ("/v1/chat/completions", {"model": "alpha", "messages": []}, 400, "messages"),
+    ("/v1/chat/completions", {"model": "alpha", "messages": [{"content": "hi"}]}, 400, "role: Field required"),
+    ("/v1/completions", {"model": "alpha", "prompt": "hi", "max_tokens": 0}, 400, "max_tokens"),
+    ("/v1/completions", {"model": "alpha", "prompt": "hi", "max_tokens": 1000}, 400, "above this server's limit"),
+    ("/v1/completions", {"model": "alpha", "prompt": "word " * 100}, 400, "tokens"),
+    ("/v1/chat/completions", {"model": "beta", "messages": [{"role": "user", "content": "word " * 100}]}, 400,
+     "prompt tokens"),
+    ("/v1/completions", {"model": "alpha", "prompt": ["hi"] * 100}, 400, "got 100 inputs"),
+    ("/v1/completions", {"model": "alpha", "prompt": "hi", "stream": True}, 400, "stream"),
+    ("/v1/completions", {"model": "alpha", "prompt": "hi", "temperature": 0.7}, 400, "greedily"),
+    ("/v1/completions", {"model": "alpha", "prompt": "hi", "n": 2}, 400, "one choice"),
+])
+def test_bad_requests_get_4xx_and_the_server_goes_on(lm, path, body, status, message):
+    server, _, _ = lm
+    response = post(server, path, body)
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert message in error["message"], error
+    assert response.status_code != 500
+    assert post(server, "/v1/completions", {"model": "alpha", "prompt": "still there?", "max_tokens": 2}) \
+        .status_code == 200
+
+
+def test_admin_loads_and_unloads_inside_the_adapter_dir_only(lm):
+    server, bank, root = lm
+    admin = "/v1/admin/adapters"
+    assert post(server, admin, {"name": "x", "path": "extra"}).status_code == 401
+    assert post(server, admin, {"name": "x", "path": "extra"}, token="wrong").status_code == 401
+    for outside in ("../outside", str(root / "outside"), "extra/../../outside"):
+        response = post(server, admin, {"name": "x", "path": outside}, token=TOKEN)
+        assert response.status_code == 403 and "outside the adapter directory" in response.json()["error"]["message"]
+    response = post(server, admin, {"name": "foreign", "path": "foreign"}, token=TOKEN)
+    assert response.status_code == 400 and "trained on" in response.json()["error"]["message"]
+    assert post(server, admin, {"name": "x", "path": "missing"}, token=TOKEN).status_code == 400
+    assert post(server, admin, {"name": "alpha", "path": "extra"}, token=TOKEN).status_code == 409
+
+    response = post(server, admin, {"name": "extra", "path": "extra"}, token=TOKEN)
+    assert response.status_code == 201, response.text
+    assert "extra" in [m["id"] for m in httpx.get(server.url + "/v1/models").json()["data"]]
+    response = post(server, "/v1/completions", {"model": "extra", "prompt": "The weather", "max_tokens": 5})
+    assert response.json()["choices"][0]["text"] == bank.generate(["The weather"], adapter="extra", template=False,
+                                                                  max_new_tokens=5)[0]
+    assert httpx.delete(server.url + admin + "/extra").status_code == 401
+    response = httpx.delete(server.url + admin + "/extra", headers={"Authorization": f"Bearer {TOKEN}"})
+    assert response.status_code == 200
+    assert post(server, "/v1/completions", {"model": "extra", "prompt": "hi"}).status_code == 404
+    assert httpx.delete(server.url + admin + "/extra", headers={"Authorization": f"Bearer {TOKEN}"}).status_code == 404
+    assert post(server, "/v1/completions", {"model": "alpha", "prompt": "hi", "max_tokens": 2}).status_code == 200
+
+
+def test_admin_is_off_without_a_token(lm):
+    _, bank, root = lm
+    with BackgroundServer(create_app(bank, adapter_dir=root / "adapters")) as server:
+        response = post(server, "/v1/admin/adapters", {"name": "extra", "path": "extra"}, token="anything")
+        assert response.status_code == 403 and "admin endpoints are off" in response.json()["error"]["message"]
+        assert httpx.delete(server.url + "/v1/admin/adapters/alpha").status_code == 403
+    assert "alpha" in bank
+
+
+def test_classification_server(tmp_path):
+    tokenizer = peftkit.load_tokenizer("minilm-l6")
+    labels = {"sentiment": ["negative", "positive"], "topic": ["business", "sport", "tech", "politics", "film"]}
+    bank = AdapterBank(tiny("bert", "cls", vocab_size=tokenizer.vocab_size), tokenizer=tokenizer)
+    for i, (name, names) in enumerate(labels.items()):
+        model = tiny("bert", "cls", len(names), vocab_size=tokenizer.vocab_size, id2label=dict(enumerate(names)))
+        bank.load(name, make_adapter(model, LORA if i == 0 else "houlsby", tmp_path / name, seed=i))
+    texts = ["a triumph", "shares fell sharply today", "the match ended in a draw", "dull", "the vote passed"]
+    with BackgroundServer(create_app(bank, batch_wait_ms=200)) as server:
+        jobs = [(name, texts[i:i + 2]) for i in range(4) for name in labels]
+        with ThreadPoolExecutor(len(jobs)) as pool:
+            answers = list(pool.map(lambda j: post(server, "/v1/classify", {"model": j[0], "input": j[1]}), jobs))
+        for (name, batch), response in zip(jobs, answers):
+            assert response.status_code == 200, response.text
+            got = response.json()["data"]
+            assert [g["label"] for g in got] == [r["label"] for r in bank.classify(batch, adapter=name)]
+            assert all(g["label"] in labels[name] for g in got)
+        response = post(server, "/v1/completions", {"model": "topic", "prompt": "hi"})
+        assert response.status_code == 400 and "needs a causal-lm model" in response.json()["error"]["message"]
+        response = post(server, "/v1/classify", {"model": "BertForSequenceClassification", "input": "hi"})
+        assert response.status_code == 400 and "needs an adapter" in response.json()["error"]["message"]
+        assert post(server, "/v1/classify", {"model": "topic", "input": []}).status_code == 400
+
+
+def test_qa_server(tmp_path):
+    tokenizer = peftkit.load_tokenizer("minilm-l6")
+    bank = AdapterBank(tiny("bert", "qa", vocab_size=tokenizer.vocab_size), tokenizer=tokenizer)
+    for i, (name, spec) in enumerate({"squad": LORA, "squad2": PREFIX}.items()):
+        bank.load(name, make_adapter(tiny("bert", "qa", vocab_size=tokenizer.vocab_size), spec, tmp_path / name,
+                                     seed=i))
+    questions, contexts = ["who won?", "where was it?"], ["Arsenal won at Wembley.", "It was in a hall in Paris."]
+    with BackgroundServer(create_app(bank, batch_wait_ms=100)) as server:
+        jobs = [(name, i) for name in ("squad", "squad2") for i in range(2)]
+        with ThreadPoolExecutor(len(jobs)) as pool:
+            answers = list(pool.map(lambda j: post(server, "/v1/answer", {
+                "model": j[0], "question": questions[j[1]], "context": contexts[j[1]]}), jobs))
+        for (name, i), response in zip(jobs, answers):
+            assert response.status_code == 200, response.text
+            want = bank.answer([questions[i]], [contexts[i]], adapter=name)[0]
+            assert response.json()["data"][0]["answer"] == want["answer"]
+        response = post(server, "/v1/answer", {"model": "squad", "question": ["a", "b"], "context": "c"})
+        assert response.status_code == 400 and "2 questions but 1 contexts" in response.json()["error"]["message"]
+
+
+def test_cli_serve(lm):
+    _, _, root = lm
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen([sys.executable, "-m", "peftkit.cli", "serve", "--base", str(root / "tiny-llama"),
+                                "--adapter", f"alpha={root / 'adapters' / 'alpha'}", "--port", "0"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        line = process.stdout.readline()
+        assert "serving on http://127.0.0.1:" in line, process.stderr.read() if process.poll() is not None else line
+        url = line.split()[-1]
+        assert [m["id"] for m in httpx.get(url + "/v1/models").json()["data"]] == ["tiny-llama", "alpha"]
+        response = httpx.post(url + "/v1/completions", json={"model": "alpha", "prompt": "hi", "max_tokens": 3})
+        assert response.status_code == 200 and response.json()["choices"][0]["text"] is not None
+        response = httpx.post(url + "/v1/admin/adapters", json={"name": "x", "path": "y"})
+        assert response.status_code == 403  # no token configured
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
