@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 import yaml
 from peft import PeftModel
-from transformers import Trainer, TrainingArguments
+from transformers import Trainer, TrainingArguments, set_seed
 from transformers.trainer_utils import get_last_checkpoint
 
 from .attach import attach
@@ -52,6 +52,7 @@ def train(recipe: Recipe, resume: bool = False) -> Path:
     quantize = recipe.quantize or preset_quantize
     checkpoint = _checkpoint_to_resume(work, resume)
 
+    set_seed(recipe.train.seed)  # before the model is built: new heads and adapters draw their init from it
     tokenizer = load_tokenizer(recipe.model)
     splits = load_splits(recipe.data, recipe.train.seed)
     prepared = task.prepare(recipe, splits, tokenizer)  # every data check happens here, before training

@@ -72,6 +72,10 @@ def test_train_eval_predict_end_to_end(tmp_path):
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert set(metrics["base"]) == set(metrics["adapted"]) == {"accuracy", "macro_f1"}
     assert 0 < metrics["trainable_ratio"] < 0.01 and metrics["train_samples_per_second"] > 0
+    # Seeds are fixed before the head is built: the same recipe gives the same run.
+    again_dir = train(load_recipe("sentiment-lora", TINY + [f"output_dir={tmp_path / 'again'}"]))
+    assert (again_dir / "adapter_model.safetensors").read_bytes() == (run_dir / "adapter_model.safetensors").read_bytes()
+    assert json.loads((again_dir / "metrics.json").read_text())["adapted"] == metrics["adapted"]
     run = open_run(run_dir)
     again = run.evaluate("test")
     assert again == pytest.approx(metrics["adapted"])
