@@ -35,7 +35,7 @@ from .attach import BOTTLENECK, base_name, task_heads, tuner
 from .errors import PeftkitError
 from .fingerprint import check_same_base, fingerprint
 from .loading import load_model, load_tokenizer
-from .saving import WEIGHTS, _info_from, read_adapter_config, read_weights
+from .saving import WEIGHTS, adapter_info, read_adapter_config, read_weights
 
 TASKS = {"ForCausalLM": "causal-lm", "LMHeadModel": "causal-lm", "ForSequenceClassification": "classification",
          "ForQuestionAnswering": "qa"}
@@ -115,7 +115,7 @@ class AdapterBank:
         with self.lock:
             self._check_new_name(name)
             config = read_adapter_config(path)
-            info = _info_from(config)
+            info = adapter_info(config)
             task, model_class = adapter_task(path, config)
             if task != self.task:
                 raise PeftkitError(f"adapter {name!r} ({path}) is a {task} adapter ({model_class or 'peft'}) but "

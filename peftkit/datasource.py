@@ -77,4 +77,5 @@ def _split(splits: DatasetDict, seed: int) -> DatasetDict:
 
 def _is_squad(path: Path) -> bool:
     with open(path) as f:
-        return f.read(200).lstrip().startswith("{") and '"data"' in path.read_text()[:100_000]
+        head = f.read(100_000)
+    return head.lstrip().startswith("{") and '"data"' in head

@@ -19,6 +19,7 @@ from .attach import (AdapterInfo, adapters_of, base_fingerprint, base_model, bas
                      tuner)
 from .errors import PeftkitError
 from .fingerprint import check_same_base
+from .loading import keep_standard_4bit_layout
 from .presets import METHODS
 
 WEIGHTS = "adapter_model.safetensors"
@@ -68,7 +69,7 @@ def load_adapter(model, path, name: str | None = None, trainable: bool = False):
     path = Path(path)
     config = read_adapter_config(path)
     state = read_weights(path / WEIGHTS)
-    info = _info_from(config)
+    info = adapter_info(config)
     name = name or ("default" if not adapters_of(model) else Path(path).name)
     if name in adapters_of(model):
         raise PeftkitError(f"the model already holds an adapter named {name!r}; pass another name=")
@@ -85,6 +86,7 @@ def load_adapter(model, path, name: str | None = None, trainable: bool = False):
     heads = {k.removeprefix("base_model.model."): v for k, v in state.items()}
     _check_heads(base, {k: v for k, v in heads.items() if k.split(".")[0] in task_heads(base) and "lora_" not in k})
     existing = adapters_of(model)
+    keep_standard_4bit_layout(base)  # as attach does: a user-loaded 4-bit base must not repack on CPU
     if info.method == "lora":
         lora = LoraConfig.from_peft_type(**{k: v for k, v in config.items() if k != "peftkit"})
         if isinstance(model, PeftModel):
@@ -170,7 +172,8 @@ def _check_heads(base, heads: dict) -> None:
             )
 
 
-def _info_from(config: dict) -> AdapterInfo:
+def adapter_info(config: dict) -> AdapterInfo:
+    """What an adapter_config.json says about its adapter, peftkit's or plain peft's."""
     record = config.get("peftkit")
     if record is None:
         if config.get("peft_type") != "LORA":
