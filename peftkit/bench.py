@@ -254,8 +254,10 @@ def describe(model, method: str) -> str:
 # ---------------------------------------------------------------------------- CLI
 
 def add_bench_parser(subparsers) -> argparse.ArgumentParser:
-    """Add `bench params ...` to the peftkit command's subparsers."""
-    bench = subparsers.add_parser("bench", help="benchmarks: parameter counts and adapter sizes per method")
+    """Add `bench params ...` and `bench train ...` to the peftkit command's subparsers."""
+    from . import bench_train
+
+    bench = subparsers.add_parser("bench", help="benchmarks: parameter counts per method; training side by side")
     kinds = bench.add_subparsers(dest="bench_command", required=True)
     p = kinds.add_parser(
         "params", help="trainable/total parameters and adapter file size per method, from a config alone",
@@ -272,12 +274,14 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
                    help="causal-lm, classification, qa, base or a transformers class name "
                         "(default: causal-lm for decoders, classification for encoders)")
     p.add_argument("--format", default="table", choices=FORMATS)
+    bench_train.add_parser(kinds)
     return bench
 
 
 def run_bench(args) -> int:
-    if args.bench_command != "params":
-        raise PeftkitError(f"unknown bench command {args.bench_command!r}; commands: params")
+    if args.bench_command == "train":
+        from . import bench_train
+        return bench_train.run_command(args)
     models = list(args.model) + (shipped_configs() if args.shipped else [])
     if not models:
         raise PeftkitError("give --model NAME_OR_CONFIG (repeatable) or --shipped; shipped configs: "

@@ -193,6 +193,20 @@ def _write_json(file: Path, data: dict) -> None:
     file.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
+def atomic_write(path, data: bytes | str) -> None:
+    """Write a file whole or not at all: into a temporary file beside it, then renamed over it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(handle, "wb") as out:
+            out.write(data.encode() if isinstance(data, str) else data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
 @contextmanager
 def staged_dir(path):
     """A temporary folder beside `path` that replaces `path` whole once the block

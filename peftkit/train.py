@@ -9,7 +9,7 @@ import os
 import resource
 import shutil
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -30,7 +30,33 @@ from .tasks import task_module
 
 
 class AdapterTrainer(Trainer):
-    """Checkpoints hold the adapter and trained heads (plus optimizer state), never the base."""
+    """Checkpoints hold the adapter and trained heads (plus optimizer state), never the base.
+    A task may bring its own loss (generation computes logits for the answer tokens only)."""
+
+    def __init__(self, model=None, *args, task_loss=None, **kwargs):
+        # transformers refuses to train a quantized model unless peft (or its own adapter mixin)
+        # attached the adapters; peftkit's bottleneck and prefix adapters are neither, so the
+        # check sees trainable parameters on a quantized base as "no adapters". Vouch for them
+        # while the check runs, then put the flag back.
+        vouch = (getattr(model, "is_quantized", False) and not isinstance(model, PeftModel)
+                 and not getattr(model, "_hf_peft_config_loaded", False)
+                 and any(p.requires_grad for p in model.parameters()))
+        if vouch:
+            model._hf_peft_config_loaded = True
+        try:
+            super().__init__(model, *args, **kwargs)
+        finally:
+            if vouch:
+                model._hf_peft_config_loaded = False
+        self.task_loss = task_loss
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if self.task_loss is None or return_outputs:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        # Normalized over the whole accumulated batch when the Trainer counted its tokens
+        # (as transformers' own causal-LM loss is); a per-batch mean otherwise.
+        self.loss_is_scaled_for_ga = num_items_in_batch is not None
+        return self.task_loss(model, inputs, num_items_in_batch)
 
     def _save(self, output_dir=None, state_dict=None):
         if isinstance(self.model, PeftModel):
@@ -44,26 +70,49 @@ class AdapterTrainer(Trainer):
         restore_adapter_weights(self.model, Path(resume_from_checkpoint))
 
 
-def train(recipe: Recipe, resume: bool = False) -> Path:
-    run_dir = Path(recipe.output_dir) / recipe.name
-    work = run_dir.parent / f".{recipe.name}.work"  # checkpoints live here until the run ends
+@dataclass
+class Setup:
+    """What a run needs before its adapter is attached: data prepared, base model loaded."""
+    task: object
+    tokenizer: object
+    splits: object
+    prepared: dict
+    model: object
+    quantize: str | None
+
+
+def set_up(recipe: Recipe) -> Setup:
     task = task_module(recipe.task)
     _, _, preset_quantize = resolve_spec(recipe.method)
     quantize = recipe.quantize or preset_quantize
-    checkpoint = _checkpoint_to_resume(work, resume)
-
     set_seed(recipe.train.seed)  # before the model is built: new heads and adapters draw their init from it
     tokenizer = load_tokenizer(recipe.model)
     splits = load_splits(recipe.data, recipe.train.seed)
     prepared = task.prepare(recipe, splits, tokenizer)  # every data check happens here, before training
     model = load_model(recipe.model, task=task.MODEL_TASK, quantize=quantize, **prepared["model_kwargs"])
-    before = task.evaluate(model, tokenizer, splits["test"], recipe, desc="base model")
+    return Setup(task, tokenizer, splits, prepared, model, quantize)
+
+
+def make_trainer(recipe: Recipe, setup: Setup, model, work: Path, save: bool = True,
+                 callbacks=()) -> AdapterTrainer:
+    return AdapterTrainer(model=model, args=_arguments(recipe, work, setup.quantize, save),
+                          data_collator=setup.prepared["collator"], train_dataset=setup.prepared["train"],
+                          task_loss=setup.prepared.get("loss"), callbacks=list(callbacks))
+
+
+def train(recipe: Recipe, resume: bool = False) -> Path:
+    run_dir = Path(recipe.output_dir) / recipe.name
+    work = run_dir.parent / f".{recipe.name}.work"  # checkpoints live here until the run ends
+    checkpoint = _checkpoint_to_resume(work, resume)
+
+    setup = set_up(recipe)
+    task, tokenizer, splits, quantize = setup.task, setup.tokenizer, setup.splits, setup.quantize
+    before = task.evaluate(setup.model, tokenizer, splits["test"], recipe, desc="base model")
     baseline = task.baseline_scores(splits["test"], recipe) if hasattr(task, "baseline_scores") else None
-    model = attach(model, recipe.method, gradient_checkpointing=recipe.train.gradient_checkpointing)
+    model = attach(setup.model, recipe.method, gradient_checkpointing=recipe.train.gradient_checkpointing)
     report = param_report(model)
 
-    trainer = AdapterTrainer(model=model, args=_arguments(recipe, work, quantize), data_collator=prepared["collator"],
-                             train_dataset=prepared["train"])
+    trainer = make_trainer(recipe, setup, model, work)
     start = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=checkpoint)
     train_seconds = time.perf_counter() - start
@@ -109,7 +158,7 @@ def _checkpoint_to_resume(work: Path, resume: bool) -> str | None:
     return last
 
 
-def _arguments(recipe: Recipe, work: Path, quantize) -> TrainingArguments:
+def _arguments(recipe: Recipe, work: Path, quantize, save: bool = True) -> TrainingArguments:
     t = recipe.train
     gpu = torch.cuda.is_available()
     return TrainingArguments(
@@ -123,6 +172,7 @@ def _arguments(recipe: Recipe, work: Path, quantize) -> TrainingArguments:
         num_train_epochs=t.epochs,
         max_steps=t.max_steps,
         logging_steps=t.logging_steps,
+        save_strategy="steps" if save else "no",
         save_steps=t.save_steps,
         save_total_limit=2,
         seed=t.seed,

@@ -124,3 +124,26 @@ def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path):
     assert resumed["adapted"]["accuracy"] == pytest.approx(reference["adapted"]["accuracy"], abs=2 / 32 + 1e-9)
     log = [json.loads(line) for line in (killed / "sentiment-lora" / "train_log.jsonl").read_text().splitlines()]
     assert [row["step"] for row in log if "loss" in row] == list(range(1, 13))  # one history, no step twice
+
+
+def test_trainer_trains_peftkit_adapters_on_a_quantized_base(tmp_path):
+    """transformers' Trainer accepts a quantized model only with peft adapters; peftkit's own
+    (bottleneck, prefix) train through it too, and only they change."""
+    import torch
+    from transformers import TrainingArguments
+
+    import peftkit
+    from peftkit.train import AdapterTrainer
+    from conftest import make_tiny
+
+    make_tiny("llama", "cls").save_pretrained(tmp_path / "tiny")
+    model = peftkit.attach(peftkit.load_model(str(tmp_path / "tiny"), task="classification", quantize="nf4"),
+                           "houlsby", gradient_checkpointing=False)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    rows = [{"input_ids": [5 + i, 9, 11 + i], "labels": i % 3} for i in range(8)]
+    args = TrainingArguments(output_dir=str(tmp_path / "out"), per_device_train_batch_size=4, max_steps=2,
+                             learning_rate=1e-2, use_cpu=True, report_to=[], save_strategy="no")
+    AdapterTrainer(model=model, args=args, train_dataset=rows).train()
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p.detach(), before[n])}
+    assert changed and changed == {n for n, p in model.named_parameters() if p.requires_grad}
+    assert not model._hf_peft_config_loaded  # the flag was only lent for transformers' check

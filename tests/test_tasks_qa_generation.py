@@ -260,6 +260,43 @@ def test_generation_batched_left_padding_matches_one_by_one(chat_tokenizer, meth
     assert len(chat_tokenizer(batched[0], add_special_tokens=False)["input_ids"]) <= 6 + 1
 
 
+@pytest.mark.parametrize("method", ["lora", "prefix"])
+def test_answer_loss_equals_the_full_logits_loss(method):
+    """The training loss that computes logits at answer positions only is transformers' causal-LM
+    loss, value and gradients, with padding and rows of different answer lengths."""
+    torch.manual_seed(0)
+    model = attach(_tiny_chat_lm(64), method)
+    model.train()
+    for module in model.modules():  # dropout off: the two passes must see the same network
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+    ids = torch.randint(3, 64, (3, 12))
+    mask = torch.ones_like(ids)
+    mask[2, 9:] = 0
+    labels = ids.clone()
+    labels[:, :7] = -100
+    labels[1, :10] = -100
+    labels[2, 9:] = -100
+    trainable = [p for p in model.parameters() if p.requires_grad]
+
+    def loss_and_grads(compute):
+        model.zero_grad()
+        loss = compute()
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in trainable]
+
+    expected, expected_grads = loss_and_grads(lambda: model(input_ids=ids, attention_mask=mask, labels=labels).loss)
+    batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    got, got_grads = loss_and_grads(lambda: generation.answer_loss(model, batch))
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+    for g, e in zip(got_grads, expected_grads):
+        torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-6)
+    # with the Trainer's token count over an accumulated batch: a sum over this batch's tokens / that count
+    answers = int((labels[:, 1:] != -100).sum())
+    scaled = generation.answer_loss(model, batch, num_items_in_batch=torch.tensor(4 * answers))
+    torch.testing.assert_close(scaled, expected / 4, rtol=1e-5, atol=1e-6)
+
+
 # ------------------------------------------------------------------------------ end to end
 
 def _check_run(run_dir, metric_keys):

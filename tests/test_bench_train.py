@@ -1,0 +1,125 @@
+"""`peftkit bench train`: the benchmark files, the Meter's counts, and a short run of every shipped table."""
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+import peftkit
+from peftkit.bench_train import load_bench, recipe_for, run
+from peftkit.errors import PeftkitError
+from peftkit.meter import Meter
+from conftest import BERT, make_tiny, tiny_inputs
+
+ROOT = Path(__file__).resolve().parent.parent
+SHIPPED = sorted((ROOT / "benchmarks").glob("train-*.yaml"))
+# A handful of steps on a few rows: every variant trains, is evaluated and is measured.
+SMOKE = {
+    "sentiment": ["data.max_train_samples=48", "data.max_eval_samples=16", "train.max_steps=3",
+                  "train.batch_size=8", "train.max_length=32"],
+    "headlines": ["data.max_train_samples=24", "data.max_eval_samples=4", "train.max_steps=3",
+                  "train.batch_size=4", "train.max_length=96", "train.max_new_tokens=4"],
+}
+
+
+def test_shipped_tables_cover_every_method_base_and_reference():
+    assert {p.stem for p in SHIPPED} == {"train-sentiment", "train-headlines"}
+    for path in SHIPPED:
+        bench = load_bench(path)
+        kinds = {(v.method, v.quantize) for v in bench.variants}
+        for method in ("lora", "houlsby", "pfeiffer", "parallel", "prefix", "full", "reference"):
+            assert (method, None) in kinds, (path.name, method)
+        for method in ("lora", "houlsby"):
+            assert {(method, "nf4"), (method, "8bit")} <= kinds, (path.name, method)
+        for variant in bench.variants:  # every variant's recipe loads
+            recipe_for(bench, variant)
+
+
+def _bench_file(tmp_path, text: str) -> Path:
+    path = tmp_path / "b.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_bench_file_errors_name_the_problem(tmp_path):
+    head = "name: x\nrecipe: recipes/sentiment-lora.yaml\n"
+    cases = [
+        (head + "variants: {lora: {}}\ncolour: red\n", "unknown key colour; allowed: name, overrides"),
+        (head + "variants: {lora: {method: lorra}}\n", "unknown preset 'lorra'"),
+        (head + "variants: {full: {quantize: nf4}}\n", "full runs on the unquantized base"),
+        (head + "variants: {reference: {}}\n", "a reference variant needs `reference: path/to/script.py`"),
+        (head + "variants: {reference: {}}\nreference: nowhere.py\n", "reference script .*nowhere.py does not exist"),
+        ("name: x\nvariants: {lora: {}}\n", "missing key recipe"),
+        (head + "variants: []\n", "variants must be a mapping"),
+    ]
+    for text, message in cases:
+        with pytest.raises(PeftkitError, match=message):
+            load_bench(_bench_file(tmp_path, text))
+    with pytest.raises(PeftkitError, match="does not exist; shipped: .*train-sentiment.yaml"):
+        load_bench(ROOT / "benchmarks" / "train-nothing.yaml")
+
+
+def test_bad_variant_name_or_override_fails_before_anything_trains(tmp_path):
+    bench = load_bench(SHIPPED[-1])
+    with pytest.raises(PeftkitError, match="--only: no variant 'lorra'.*variants: lora, houlsby"):
+        run(bench, only=["lorra"], out_dir=tmp_path, log_dir=tmp_path)
+    with pytest.raises(PeftkitError, match="unknown key train.stepz"):
+        run(bench, extra=["train.stepz=3"], out_dir=tmp_path, log_dir=tmp_path)
+    assert not any(tmp_path.glob("*.md"))
+
+
+def test_meter_counts_model_flops_of_real_tokens_only_during_training_forwards():
+    """FLOPs per the issue's formula, checked against a count from the tiny BERT's config: every
+    token through 4 h^2 + 2 h i frozen weights and LoRA's 2 x 2 h r trainable ones per layer; the
+    pooler and classifier see one row per sample. Padding is not counted; eval passes and
+    recomputation after the forward (gradient checkpointing) are not either."""
+    model = peftkit.attach(make_tiny("bert", "cls"), "lora")
+    meter = Meter()
+    meter.watch(model)
+    batch = tiny_inputs(batch=2, length=10)  # one row has 3 padding positions
+    model.train()
+    model(**batch)
+    h, i, layers, r, labels = BERT["hidden_size"], BERT["intermediate_size"], BERT["num_hidden_layers"], 8, 3
+    tokens = int(batch["attention_mask"].sum())
+    assert tokens == 17
+    frozen, trainable = 4 * h * h + 2 * h * i, 2 * (h * r + r * h)  # LoRA on query and value
+    pooler_trains = model.base_model.model.bert.pooler.dense.weight.requires_grad
+    expected = (tokens * layers * (4 * frozen + 6 * trainable)
+                + 2 * (4 + 2 * pooler_trains) * h * h + 2 * 6 * h * labels)
+    assert meter.flops == expected
+    assert (meter.samples, meter.tokens) == (2, 17)
+    model.base_model.model.bert.pooler.dense(torch.zeros(1, h))  # as in a recomputation after the forward
+    model.eval()
+    model(**batch)
+    assert meter.flops == expected and meter.samples == 2
+    meter.unwatch()
+    model.train()
+    model(**batch)
+    assert meter.flops == expected
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.stem)
+def test_every_variant_of_a_shipped_table_runs_and_is_measured(tmp_path, path):
+    bench = load_bench(path)
+    name = bench.name
+    rows = run(bench, extra=SMOKE[name], out_dir=tmp_path, log_dir=tmp_path / "logs")
+    assert [r["variant"] for r in rows] == [v.name for v in bench.variants]
+    by_name = {r["variant"]: r for r in rows}
+    for r in rows:
+        assert r["steps"] == 3 and len(r["losses"]) == 3 and math.isfinite(r["final_loss"])
+        assert r["samples_per_s"] > 0 and r["tokens_per_s"] > 0
+        assert 0 < r["mfu"] < 1, r  # more than the measured peak would mean FLOPs counted that did not run
+        assert r["peak_mb"] > r["baseline_mb"] > 0
+        assert r["file_bytes"] > 0 and 0 < r["ratio"] <= 1
+        assert 0.0 <= r["score"] <= 1.0
+    lora, full, reference = by_name["lora"], by_name["full"], by_name["reference"]
+    assert reference["trainable"] == lora["trainable"]  # the reference trains exactly what peftkit's LoRA does
+    assert full["ratio"] == 1.0 and full["file_bytes"] > 50 * lora["file_bytes"]
+    assert by_name["lora-nf4"]["quantize"] == "nf4" and by_name["houlsby-8bit"]["quantize"] == "8bit"
+    stem = tmp_path / f"train-{name}-cpu"
+    table = stem.with_suffix(".md").read_text()
+    assert all(f"| {r['variant']} |" in table for r in rows) and "GFLOP/s" in table
+    assert json.loads(stem.with_suffix(".json").read_text())["rows"][0]["variant"] == rows[0]["variant"]
+    for plot in ("loss", "ratio"):
+        assert (tmp_path / f"{stem.name}-{plot}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
