@@ -396,7 +396,7 @@ def _cells(table: list[dict]) -> list[list[str]]:
     lines = [["method", "setting", "trainable", "total", "trainable %", "fp32 file", "bf16 file"]]
     for r in table:
         lines.append([r["method"], r["setting"], f"{r['trainable']:,}", f"{r['total']:,}",
-                      f"{100 * r['ratio']:.4f}%", _human(r["fp32_bytes"]), _human(r["bf16_bytes"])])
+                      f"{100 * r['ratio']:.4f}%", human_size(r["fp32_bytes"]), human_size(r["bf16_bytes"])])
     return lines
 
 
@@ -466,7 +466,7 @@ def _md_summary(row: dict) -> str:
             f"**{row['base_params']:,}** parameters{note}.")
 
 
-def _human(n: int) -> str:
+def human_size(n: int) -> str:
     for unit in ("B", "KiB", "MiB", "GiB"):
         if n < 1024 or unit == "GiB":
             return f"{n} {unit}" if unit == "B" else f"{n:,.1f} {unit}"

@@ -29,6 +29,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .bench import human_size
 from .errors import PeftkitError
 from .presets import read_yaml, resolve_spec
 
@@ -113,6 +114,15 @@ def recipe_for(bench: Bench, variant: Variant, extra: list[str] = ()):
     return recipe
 
 
+def _shown(path: Path) -> str:
+    """A path as a reader of the results should type it: relative to the repository when inside it."""
+    root = Path(__file__).resolve().parent.parent
+    try:
+        return str(Path(path).resolve().relative_to(root))
+    except ValueError:
+        return str(path)
+
+
 def _repo_path(name: str) -> str:
     path = Path(name)
     root = Path(__file__).resolve().parent.parent
@@ -146,7 +156,8 @@ def run(bench: Bench, extra: list[str] = (), only: list[str] | None = None, out_
     peak = max(peaks)  # the higher of the two readings: MFU errs low, not high, on a shared machine
     for row in rows:
         row["mfu"] = row["model_flops_per_s"] / peak if row.get("model_flops_per_s") else None
-    meta = _machine(device) | {"peak_matmul_flops": peak, "peak_readings": peaks, "bench": str(bench.path),
+    meta = _machine(device) | {"peak_matmul_flops": peak, "peak_readings": peaks, "bench": _shown(bench.path),
+                               "only": list(only or []),
                                "recipe": bench.recipe, "overrides": bench.overrides, "extra": list(extra),
                                "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     stem = out_dir / f"train-{bench.name}-{device}"
@@ -219,45 +230,24 @@ def _machine(device: str) -> dict:
 
 def run_variant(bench: Bench, variant: Variant, extra: list[str] = ()) -> dict:
     """Train one variant in this process and measure it; the driver runs this in a fresh process."""
+    import peft  # noqa: F401  every variant's libraries are in memory before the baseline is read
     import torch
-    from transformers import set_seed
+    from transformers import Trainer  # noqa: F401
 
-    from .attach import attach
     from .meter import Meter, rss_mb
     from .report import param_report
-    from .train import make_trainer, set_up
 
-    baseline_mb = 0.0 if torch.cuda.is_available() else rss_mb()  # CUDA's counter starts at 0 with the process
+    # RSS with the libraries loaded and no model yet; CUDA's counter starts at 0 with the process
+    baseline_mb = 0.0 if torch.cuda.is_available() else rss_mb()
     recipe = recipe_for(bench, variant, extra)
     meter = Meter()
-    work = Path(tempfile.mkdtemp(prefix="peftkit-bench-work-"))
-    if variant.method == "reference":
-        from .datasource import load_splits
-        from .loading import load_tokenizer
-        from .embedded import resolve_model
-        from .tasks import task_module
-
-        reference = _import_script(bench.reference)
-        set_seed(recipe.train.seed)
-        splits = load_splits(recipe.data, recipe.train.seed)
-        trainer = reference.build(resolve_model(recipe.model), splits, str(work), callbacks=[meter],
-                                  **_hyperparameters(recipe))
-        model, tokenizer, task = trainer.model, load_tokenizer(recipe.model), task_module(recipe.task)
-    else:
-        setup = set_up(recipe)
-        if variant.method == "full":
-            model = setup.model
-            model.requires_grad_(True)
-            if recipe.train.gradient_checkpointing:
-                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        else:
-            model = attach(setup.model, recipe.method, gradient_checkpointing=recipe.train.gradient_checkpointing)
-        trainer = make_trainer(recipe, setup, model, work, save=False, callbacks=[meter])
-        tokenizer, splits, task = setup.tokenizer, setup.splits, setup.task
-    report = param_report(model)
-    meter.watch(model)
-    trainer.train()
-    meter.unwatch()
+    with tempfile.TemporaryDirectory(prefix="peftkit-bench-work-") as work:
+        trainer, tokenizer, splits, task = _trainer(bench, variant, recipe, Path(work), meter)
+        model = trainer.model
+        report = param_report(model)
+        meter.watch(model)
+        trainer.train()
+        meter.unwatch()
     scores = task.evaluate(model, tokenizer, splits["test"], recipe, desc="test")
     metric = PRIMARY_METRIC[recipe.task]
     return {
@@ -269,6 +259,36 @@ def run_variant(bench: Bench, variant: Variant, extra: list[str] = ()) -> dict:
         **meter.result(), "metric": metric, "score": scores[metric], "scores": scores,
         "test_examples": min(len(splits["test"]), recipe.data.max_eval_samples or len(splits["test"])),
     }
+
+
+def _trainer(bench: Bench, variant: Variant, recipe, work: Path, meter) -> tuple:
+    """(trainer, tokenizer, splits, task) for a variant: peftkit's recipe path, full fine-tuning
+    on that same path, or the reference script."""
+    from transformers import set_seed
+
+    from .attach import attach
+    from .datasource import load_splits
+    from .embedded import resolve_model
+    from .loading import load_tokenizer
+    from .tasks import task_module
+    from .train import make_trainer, set_up
+
+    if variant.method == "reference":
+        set_seed(recipe.train.seed)
+        splits = load_splits(recipe.data, recipe.train.seed)
+        trainer = _import_script(bench.reference).build(resolve_model(recipe.model), splits, str(work),
+                                                        callbacks=[meter], **_hyperparameters(recipe))
+        return trainer, load_tokenizer(recipe.model), splits, task_module(recipe.task)
+    setup = set_up(recipe)
+    if variant.method == "full":
+        model = setup.model
+        model.requires_grad_(True)
+        if recipe.train.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model = attach(setup.model, recipe.method, gradient_checkpointing=recipe.train.gradient_checkpointing)
+    trainer = make_trainer(recipe, setup, model, work, save=False, callbacks=[meter])
+    return trainer, setup.tokenizer, setup.splits, setup.task
 
 
 def _hyperparameters(recipe) -> dict:
@@ -316,7 +336,7 @@ def _cells(rows: list[dict]) -> list[dict]:
     for r in rows:
         cells.append({
             "variant": r["variant"], "base": r["quantize"] or "fp32", "ckpt": "yes" if r["gradient_checkpointing"] else "no",
-            "ratio": f"{100 * r['ratio']:.3f}%", "file": _human(r["file_bytes"]),
+            "ratio": f"{100 * r['ratio']:.3f}%", "file": human_size(r["file_bytes"]),
             "sps": f"{r['samples_per_s']:.2f}", "tps": f"{r['tokens_per_s']:,.0f}",
             "vs_ref": f"{r['samples_per_s'] / ref['samples_per_s']:.2f}x" if ref else "",
             "peak": f"{r['peak_mb']:,.0f}", "added": f"{r['peak_mb'] - r['baseline_mb']:,.0f}",
@@ -350,7 +370,7 @@ def markdown(meta: dict, rows: list[dict], stem: str) -> str:
     cells = _cells(rows)
     r0 = rows[0]
     shared = ", ".join(f"{k}={v}" for k, v in {**meta["overrides"]}.items()) or "none"
-    extra = " ".join(meta["extra"])
+    extra = " ".join(meta["extra"] + ([f"--only {','.join(meta['only'])}"] if meta.get("only") else []))
     out = [f"# Training benchmark: {Path(meta['bench']).stem}", "",
            f"Machine: **{meta['machine']}** ({meta['device']}), torch {meta['torch']}, {meta['threads']} threads; "
            f"{meta['date']}.", "",
@@ -438,14 +458,6 @@ def _save(fig, path: Path) -> None:
     fig.savefig(buffer, format="png", dpi=110)
     _pyplot().close(fig)
     atomic_write(path, buffer.getvalue())
-
-
-def _human(n: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n} {unit}" if unit == "B" else f"{n:,.1f} {unit}"
-        n /= 1024
-    return str(n)
 
 
 # ---------------------------------------------------------------------------- command line

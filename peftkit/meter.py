@@ -11,6 +11,8 @@ own speed metric times the whole loop including its first step and counts paddin
 as tokens; the benchmark needs the steady state and the useful work, so it counts
 them itself.
 """
+import ctypes
+import gc
 import resource
 import time
 from pathlib import Path
@@ -27,7 +29,7 @@ class Meter(TrainerCallback):
         self.samples = self.tokens = self.flops = 0
         self.marks: list[tuple] = []  # (step, seconds, samples, tokens, flops) at the start and each step's end
         self.losses: list[tuple[int, float]] = []
-        self.peak_mb = 0.0
+        self.peak_mb = self.start_mb = 0.0
         self.peak_source = ""
         self._handles = []
         self._counting = False
@@ -79,6 +81,7 @@ class Meter(TrainerCallback):
 
     def on_train_begin(self, args, state, control, **kwargs):
         self.peak_source = reset_peak_memory()
+        self.start_mb = rss_mb()
         self.marks = [(0, time.perf_counter(), self.samples, self.tokens, self.flops)]
 
     def on_step_end(self, args, state, control, **kwargs):
@@ -106,7 +109,7 @@ class Meter(TrainerCallback):
             "samples_per_s": (last[2] - first[2]) / seconds, "tokens_per_s": (last[3] - first[3]) / seconds,
             "model_flops_per_step": (last[4] - first[4]) / max(last[0] - first[0], 1),
             "model_flops_per_s": (last[4] - first[4]) / seconds,
-            "peak_mb": self.peak_mb, "peak_source": self.peak_source,
+            "peak_mb": self.peak_mb, "start_mb": self.start_mb, "peak_source": self.peak_source,
             "losses": self.losses, "final_loss": sum(tail) / len(tail) if tail else float("nan"),
         }
 
@@ -122,6 +125,8 @@ def reset_peak_memory() -> str:
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
         return "torch.cuda.max_memory_allocated"
+    gc.collect()
+    _malloc_trim()  # freed heap left over from loading goes back to the system: the peak starts from live memory
     try:
         Path("/proc/self/clear_refs").write_text("5")
         return "peak RSS since training began"
@@ -133,6 +138,13 @@ def peak_memory_mb() -> float:
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated() / 2**20
     return _status_mb("VmHWM") or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _malloc_trim() -> None:
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass  # not glibc: nothing to trim
 
 
 def _status_mb(key: str) -> float | None:

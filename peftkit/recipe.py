@@ -105,7 +105,12 @@ def apply_override(data: dict, item: str) -> None:
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
             raise PeftkitError(f"override {key}: {part} is not a section")
-    node[last] = yaml.safe_load(value)
+    try:
+        node[last] = yaml.safe_load(value)
+    except yaml.YAMLError as err:
+        problem = str(err).splitlines()[0]
+        raise PeftkitError(f"override {item!r}: the value is not valid YAML ({problem}); quote it for the "
+                           f"shell, e.g. '{key}={{method: lora, r: 16}}'") from None
 
 
 def build(cls, data, where: str):

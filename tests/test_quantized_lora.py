@@ -59,3 +59,20 @@ def test_lora_on_quantized_base(tmp_path, tiny_dir, quantize):
 def test_qlora_preset_needs_quantized_base():
     with pytest.raises(peftkit.PeftkitError, match="not quantized.*quantize='nf4'"):
         peftkit.attach(make_tiny("llama", "lm"), "qlora")
+
+
+@pytest.mark.parametrize("quantize", ["nf4", "8bit"])
+def test_quantized_load_lets_go_of_the_checkpoint_file(tmp_path, quantize):
+    """The unquantized tensors are copied out of the memory-mapped checkpoint, so its mapping
+    (and every page read while quantizing) does not outlive the load; outputs are unchanged."""
+    make_tiny("llama", "cls").save_pretrained(tmp_path)
+    checkpoint = str((tmp_path / "model.safetensors").resolve())
+    model = peftkit.load_model(str(tmp_path), task="classification", quantize=quantize)
+    import gc
+    gc.collect()
+    maps = open("/proc/self/maps").read()
+    assert checkpoint not in maps
+    inputs = tiny_inputs()
+    assert torch.isfinite(logits(model, inputs)).all()
+    embedding = model.get_input_embeddings().weight
+    torch.testing.assert_close(embedding, make_tiny("llama", "cls").get_input_embeddings().weight)

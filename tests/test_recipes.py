@@ -36,6 +36,8 @@ def test_recipe_errors_name_the_problem(tmp_path):
         load_recipe("sentiment-lora", ["train.batch_size=many"])
     with pytest.raises(PeftkitError, match="key=value"):
         load_recipe("sentiment-lora", ["train.epochs"])
+    with pytest.raises(PeftkitError, match=r"override 'method=\{method: lora,': the value is not valid YAML"):
+        load_recipe("sentiment-lora", ["method={method: lora,"])
     (tmp_path / "r.yaml").write_text("name: x\ntask: classification\nmethod: lora\ndata: {dataset: rotten_tomatoes}\n")
     with pytest.raises(PeftkitError, match="missing required key model"):
         load_recipe(str(tmp_path / "r.yaml"))
