@@ -360,7 +360,8 @@ def summary_table(rows: list[dict]) -> str:
 def write_results(stem: Path, meta: dict, rows: list[dict]) -> None:
     from .saving import atomic_write
 
-    atomic_write(stem.with_suffix(".json"), json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
+    rows_text = ",\n".join("  " + json.dumps(row) for row in rows)  # a row a line: short diffs between runs
+    atomic_write(stem.with_suffix(".json"), f'{{"meta": {json.dumps(meta)},\n "rows": [\n{rows_text}\n]}}\n')
     atomic_write(stem.with_suffix(".md"), markdown(meta, rows, stem.name))
     plot_losses(rows, stem.parent / f"{stem.name}-loss.png", meta)
     plot_ratio_vs_metric(rows, stem.parent / f"{stem.name}-ratio.png", meta)
