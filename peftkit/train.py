@@ -6,7 +6,6 @@ rather than the base, and a run folder that appears only when complete.
 """
 import json
 import os
-import resource
 import shutil
 import time
 from dataclasses import asdict, dataclass
@@ -22,6 +21,7 @@ from .attach import attach
 from .datasource import load_splits
 from .errors import PeftkitError
 from .loading import load_model, load_tokenizer
+from .meter import peak_memory_mb
 from .presets import resolve_spec
 from .recipe import Recipe
 from .report import param_report
@@ -124,7 +124,7 @@ def train(recipe: Recipe, resume: bool = False) -> Path:
         **({"baseline": baseline} if baseline else {}),
         "train_seconds": round(train_seconds, 1),
         "train_samples_per_second": result.metrics.get("train_samples_per_second"),
-        "peak_memory_mb": round(_peak_memory_mb(), 1),
+        "peak_memory_mb": round(peak_memory_mb(), 1),
         "trainable_params": report["trainable"], "total_params": report["total"],
         "trainable_ratio": report["ratio"],
     }
@@ -214,9 +214,3 @@ model = peftkit.load_adapter(base, "{run_dir}")
 
 or from the shell: `peftkit predict {run_dir} --input rows.jsonl`. The recipe that made it is recipe.yaml.
 """
-
-
-def _peak_memory_mb() -> float:
-    if torch.cuda.is_available():
-        return torch.cuda.max_memory_allocated() / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
