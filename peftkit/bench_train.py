@@ -37,6 +37,7 @@ RESULTS_DIR = Path(__file__).resolve().parent.parent / "benchmarks" / "results"
 SPECIAL = ("full", "reference")
 PRIMARY_METRIC = {"classification": "accuracy", "qa": "f1", "generation": "rouge_l"}
 SPEED_WARMUP_STEPS = 1  # the first step (allocator warm-up, lazy init) is left out of speed and MFU
+WARMUP_STEPS = 20  # the untimed run before the table: enough batch shapes to load the common kernels
 
 
 # ---------------------------------------------------------------------------- the benchmark file
@@ -147,24 +148,55 @@ def run(bench: Bench, extra: list[str] = (), only: list[str] | None = None, out_
         recipe_for(bench, variant, extra)
     device = "cuda" if _cuda() else "cpu"
     peaks = [peak_matmul_flops(device)]
-    rows = []
-    log_dir.mkdir(parents=True, exist_ok=True)
-    for variant in tqdm(variants, desc=f"bench {bench.name}", unit="variant"):
-        rows.append(_run_child(bench, variant, extra, log_dir / f"{bench.name}-{variant.name}-{device}.log"))
-        tqdm.write(_one_line(rows[-1]))
-    peaks.append(peak_matmul_flops(device))
-    peak = max(peaks)  # the higher of the two readings: MFU errs low, not high, on a shared machine
-    for row in rows:
-        row["mfu"] = row["model_flops_per_s"] / peak if row.get("model_flops_per_s") else None
-    meta = _machine(device) | {"peak_matmul_flops": peak, "peak_readings": peaks, "bench": _shown(bench.path),
-                               "only": list(only or []),
-                               "recipe": bench.recipe, "overrides": bench.overrides, "extra": list(extra),
+    meta = _machine(device) | {"bench": _shown(bench.path), "only": list(only or []), "recipe": bench.recipe,
+                               "overrides": bench.overrides, "extra": list(extra),
                                "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     stem = out_dir / f"train-{bench.name}-{device}"
-    write_results(stem, meta, rows)
-    print(summary_table(rows))
-    print(f"\nresults: {stem}.md, {stem}.json, {stem}-loss.png, {stem}-ratio.png")
+    rows, failed = [], []
+    log_dir.mkdir(parents=True, exist_ok=True)
+    _warm_up(bench, variants[0], extra, log_dir / f"{bench.name}-warmup-{device}.log")
+    for variant in tqdm(variants, desc=f"bench {bench.name}", unit="variant"):
+        log = log_dir / f"{bench.name}-{variant.name}-{device}.log"
+        try:
+            rows.append(_run_child(bench, variant, extra, log))
+            tqdm.write(_one_line(rows[-1]))
+        except PeftkitError as error:  # one broken variant must not cost the others' results
+            failed.append({"variant": variant.name, "log": str(log)})
+            tqdm.write(str(error))
+        if rows:  # the table so far is on disk after every variant: an interrupted run keeps it
+            _finish(stem, meta, rows, failed, peaks)
+    peaks.append(peak_matmul_flops(device))
+    if rows:
+        _finish(stem, meta, rows, failed, peaks)
+        print(summary_table(rows))
+        print(f"\nresults: {stem}.md, {stem}.json, {stem}-loss.png, {stem}-ratio.png")
+    if failed:
+        raise PeftkitError(f"{len(failed)} of {len(variants)} variants failed: "
+                           + ", ".join(f"{f['variant']} (log {f['log']})" for f in failed))
     return rows
+
+
+def _warm_up(bench: Bench, variant: Variant, extra: list[str], log: Path) -> None:
+    """A short untimed run first, so that no timed variant pays for the machine's cold start.
+
+    On an H200 the first variant of a table spent ~15 s on its first 40 steps, the sixth ~4 s, and
+    from step 100 on they ran equally fast. The likely cause is CUDA loading kernels lazily from the
+    libraries' files: from disk the first time, from the page cache after. Without a warm-up the
+    table's order shows in its speeds.
+    """
+    planned = recipe_for(bench, variant, extra).train.max_steps  # -1: epochs decide
+    steps = WARMUP_STEPS if planned <= 0 else min(planned, WARMUP_STEPS)
+    try:
+        _run_child(bench, variant, [*extra, f"train.max_steps={steps}", "data.max_eval_samples=8"], log)
+    except PeftkitError as error:  # the timed run of this variant will fail the same way and be reported
+        print(f"warm-up run failed; going on: {str(error).splitlines()[0]}", file=sys.stderr)
+
+
+def _finish(stem: Path, meta: dict, rows: list[dict], failed: list[dict], peaks: list[float]) -> None:
+    peak = max(peaks)  # the higher reading of before and after: MFU errs low, not high, on a shared machine
+    for row in rows:
+        row["mfu"] = row["model_flops_per_s"] / peak if row.get("model_flops_per_s") else None
+    write_results(stem, meta | {"peak_matmul_flops": peak, "peak_readings": list(peaks), "failed": failed}, rows)
 
 
 def _run_child(bench: Bench, variant: Variant, extra: list[str], log: Path) -> dict:
@@ -342,15 +374,24 @@ def _cells(rows: list[dict]) -> list[dict]:
             "peak": f"{r['peak_mb']:,.0f}", "added": f"{r['peak_mb'] - r['baseline_mb']:,.0f}",
             "mem_vs": f"{(r['peak_mb'] - r['baseline_mb']) / (lora['peak_mb'] - lora['baseline_mb']):.2f}x"
             if lora else "",
-            "mfu": f"{r['mfu']:.2f}" if r.get("mfu") is not None else "",
+            "mfu": _two_digits(r["mfu"]) if r.get("mfu") is not None else "",
             "score": f"{r['metric']} {r['score']:.4f}", "loss": f"{r['final_loss']:.3f}",
         })
     return cells
 
 
+def _two_digits(x: float) -> str:
+    return f"{x:.2f}" if x >= 0.1 else f"{x:.2g}"  # 0.51, and a GPU's 0.0068 rather than 0.01
+
+
+def _titles(rows: list[dict]) -> dict:
+    on_gpu = rows[0]["peak_source"].startswith("torch.cuda")
+    return {key: "peak GPU MB" if key == "peak" and on_gpu else title for key, title in COLUMNS}
+
+
 def summary_table(rows: list[dict]) -> str:
     cells = _cells(rows)
-    header = {key: title for key, title in COLUMNS}
+    header = _titles(rows)
     widths = {key: max(len(header[key]), *(len(c[key]) for c in cells)) for key, _ in COLUMNS}
     lines = ["  ".join(header[k].ljust(widths[k]) for k, _ in COLUMNS)]
     lines += ["  ".join(c[k].ljust(widths[k]) for k, _ in COLUMNS) for c in cells]
@@ -379,18 +420,26 @@ def markdown(meta: dict, rows: list[dict], stem: str) -> str:
            f"Recipe `{meta['recipe']}` with shared overrides {shared}; every variant: batch {r0['batch_size']}, "
            f"max_length {r0['max_length']}, {r0['steps']} steps, seed as in the recipe; test metric on "
            f"{r0['test_examples']} test examples.", "",
-           f"Peak matmul: **{meta['peak_matmul_flops'] / 1e9:,.1f} GFLOP/s** (best of "
-           f"{', '.join(f'{p / 1e9:,.1f}' for p in meta['peak_readings'])}, measured before and after the variants).",
+           f"Peak matmul ({'bf16' if meta['device'] == 'cuda' else 'fp32'}): "
+           f"**{meta['peak_matmul_flops'] / 1e9:,.1f} GFLOP/s** (best of "
+           f"{', '.join(f'{p / 1e9:,.1f}' for p in meta['peak_readings'])}, measured before"
+           f"{' and after' if len(meta['peak_readings']) > 1 else ''} the variants).",
            "",
-           "| " + " | ".join(title for _, title in COLUMNS) + " |",
+           "| " + " | ".join(_titles(rows).values()) + " |",
            "|" + "|".join(" --- " if k in ("variant", "base", "ckpt", "score") else " ---: " for k, _ in COLUMNS) + "|"]
     out += ["| " + " | ".join(c[k] for k, _ in COLUMNS) + " |" for c in cells]
+    if meta.get("failed"):
+        out += ["", "**Failed** (no row): " + ", ".join(f"{f['variant']} (log `{f['log']}`)" for f in meta["failed"])]
+    memory = ("*peak GPU* = `torch.cuda.max_memory_allocated` while training (weights included; reset when "
+              "training starts); *added* = the same, as the process had nothing on the GPU before"
+              if meta["device"] == "cuda" else
+              "*peak RSS* = the process's peak resident memory while training (reset when training starts); "
+              "*added* = peak RSS minus the RSS before the model was loaded (what the model and training add; "
+              "the CPU analogue of `torch.cuda.max_memory_allocated`)")
     out += ["", "Columns: *trainable* = trainable / total parameters; *file* = the saved weights file (adapter and "
             "trained heads; the whole model for full); samples/s and tokens/s (non-padding tokens) over all steps "
-            f"but the first {SPEED_WARMUP_STEPS}; *speed vs ref* = samples/s over the reference script's; *peak RSS* "
-            "= the process's peak resident memory while training (reset when training starts); *added* = peak RSS "
-            "minus the RSS before the model was loaded (what the model and training add; the CPU analogue of "
-            "`torch.cuda.max_memory_allocated`); *mem vs lora* = added memory over fp32 LoRA's; *MFU* = model "
+            f"but the first {SPEED_WARMUP_STEPS}; *speed vs ref* = samples/s over the reference script's; {memory}; "
+            "*mem vs lora* = added memory over fp32 LoRA's; *MFU* = model "
             "FLOPs per second / peak matmul FLOP/s, with model FLOPs = (2 forward + 2 backward + 2 per trainable "
             "weight) x the linear layers' weights x the tokens they see (attention score FLOPs not counted); "
             "*final loss* = mean training loss over the last 10% of steps.", "",

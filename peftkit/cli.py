@@ -52,7 +52,13 @@ def main(argv=None) -> int:
     commands.add_parser("recipes", help="list the shipped recipes")
     add_bench_parser(commands)
 
-    args = parser.parse_args(argv)
+    # argparse ends a `nargs="*"` positional at the first option, so overrides written after one
+    # (`bench train B --only lora train.max_steps=4`) come back unparsed: they belong to `overrides`.
+    args, rest = parser.parse_known_args(argv)
+    if rest and hasattr(args, "overrides") and not any(arg.startswith("-") for arg in rest):
+        args.overrides = [*args.overrides, *rest]
+    elif rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
     try:
         return COMMANDS[args.command](args) or 0
     except PeftkitError as err:

@@ -30,7 +30,7 @@ def load_model(name_or_path: str, task: str = "causal-lm", quantize: str | None 
     dtype = dtype or torch.float32
     kwargs = {"dtype": dtype, **config_overrides}
     if quantize:
-        kwargs["quantization_config"] = bnb_config(quantize, dtype)
+        kwargs["quantization_config"] = bnb_config(quantize, compute_dtype(dtype))
         kwargs["device_map"] = {"": 0} if torch.cuda.is_available() else {"": "cpu"}
     model = model_cls.from_pretrained(resolve_model(name_or_path), **kwargs)
     model.config.peftkit_base_name = model_name(name_or_path)
@@ -67,6 +67,14 @@ def load_tokenizer(name_or_path: str):
     if tokenizer.pad_token is None:  # decoder-only tokenizers often lack one; batching needs it
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """What 4-bit layers de-quantize to for their matmuls: bf16 on a GPU that has it (QLoRA's
+    setting; the Trainer then runs in bf16 autocast too), otherwise the model's dtype."""
+    if dtype == torch.float32 and torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return dtype
 
 
 def bnb_config(quantize: str, compute_dtype: torch.dtype) -> BitsAndBytesConfig:

@@ -82,10 +82,10 @@ class Meter(TrainerCallback):
     def on_train_begin(self, args, state, control, **kwargs):
         self.peak_source = reset_peak_memory()
         self.start_mb = rss_mb()
-        self.marks = [(0, time.perf_counter(), self.samples, self.tokens, self.flops)]
+        self.marks = [(0, _now(), self.samples, self.tokens, self.flops)]
 
     def on_step_end(self, args, state, control, **kwargs):
-        self.marks.append((state.global_step, time.perf_counter(), self.samples, self.tokens, self.flops))
+        self.marks.append((state.global_step, _now(), self.samples, self.tokens, self.flops))
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs and "loss" in logs:
@@ -112,6 +112,13 @@ class Meter(TrainerCallback):
             "peak_mb": self.peak_mb, "start_mb": self.start_mb, "peak_source": self.peak_source,
             "losses": self.losses, "final_loss": sum(tail) / len(tail) if tail else float("nan"),
         }
+
+
+def _now() -> float:
+    # CUDA runs ahead of Python: a step has ended when the GPU has finished it, not when it was queued
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return time.perf_counter()
 
 
 def rss_mb() -> float:

@@ -50,6 +50,7 @@ class Train:
     eval_batch_size: int = 64
     seed: int = 42
     gradient_checkpointing: bool | None = None  # None: on for 4/8-bit bases
+    group_by_length: bool = True  # batches of similar length, in random order (batching.py): less padding
     logging_steps: int = 10
     save_steps: int = 200
 

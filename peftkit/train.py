@@ -18,6 +18,7 @@ from transformers import Trainer, TrainingArguments, set_seed
 from transformers.trainer_utils import get_last_checkpoint
 
 from .attach import attach
+from .batching import LengthBucketSampler
 from .datasource import load_splits
 from .errors import PeftkitError
 from .loading import load_model, load_tokenizer
@@ -58,6 +59,13 @@ class AdapterTrainer(Trainer):
         self.loss_is_scaled_for_ga = num_items_in_batch is not None
         return self.task_loss(model, inputs, num_items_in_batch)
 
+    def _get_train_sampler(self, train_dataset=None):
+        if self.args.train_sampling_strategy != "group_by_length":
+            return super()._get_train_sampler(train_dataset)
+        dataset = self.train_dataset if train_dataset is None else train_dataset
+        return LengthBucketSampler([len(ids) for ids in dataset["input_ids"]], self.args.train_batch_size,
+                                   seed=self.args.data_seed)
+
     def _save(self, output_dir=None, state_dict=None):
         if isinstance(self.model, PeftModel):
             return super()._save(output_dir, state_dict)
@@ -95,7 +103,7 @@ def set_up(recipe: Recipe) -> Setup:
 
 def make_trainer(recipe: Recipe, setup: Setup, model, work: Path, save: bool = True,
                  callbacks=()) -> AdapterTrainer:
-    return AdapterTrainer(model=model, args=_arguments(recipe, work, setup.quantize, save),
+    return AdapterTrainer(model=model, args=_arguments(recipe, work, save),
                           data_collator=setup.prepared["collator"], train_dataset=setup.prepared["train"],
                           task_loss=setup.prepared.get("loss"), callbacks=list(callbacks))
 
@@ -158,7 +166,7 @@ def _checkpoint_to_resume(work: Path, resume: bool) -> str | None:
     return last
 
 
-def _arguments(recipe: Recipe, work: Path, quantize, save: bool = True) -> TrainingArguments:
+def _arguments(recipe: Recipe, work: Path, save: bool = True) -> TrainingArguments:
     t = recipe.train
     gpu = torch.cuda.is_available()
     return TrainingArguments(
@@ -177,8 +185,8 @@ def _arguments(recipe: Recipe, work: Path, quantize, save: bool = True) -> Train
         save_total_limit=2,
         seed=t.seed,
         data_seed=t.seed,
-        train_sampling_strategy="group_by_length",
-        bf16=gpu and torch.cuda.is_bf16_supported() and not quantize,
+        train_sampling_strategy="group_by_length" if t.group_by_length else "random",
+        bf16=gpu and torch.cuda.is_bf16_supported(),  # autocast; adapters and heads keep fp32 weights
         use_cpu=not gpu,
         report_to=[],
         dataloader_num_workers=0,

@@ -69,6 +69,18 @@ def test_bad_variant_name_or_override_fails_before_anything_trains(tmp_path):
     assert not any(tmp_path.glob("*.md"))
 
 
+def test_overrides_after_options_on_the_command_line_reach_every_variant(tmp_path, capsys):
+    from peftkit.cli import main
+
+    path = str(SHIPPED[-1])
+    # the override comes after --only, as the README writes it; it must be read, not refused
+    assert main(["bench", "train", path, "--only", "lora", "--out", str(tmp_path), "train.stepz=4"]) == 2
+    assert "unknown key train.stepz" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["bench", "train", path, "--only", "lora", "--bogus", "train.max_steps=4"])
+    assert "unrecognized arguments: --bogus" in capsys.readouterr().err
+
+
 def test_meter_counts_model_flops_of_real_tokens_only_during_training_forwards():
     """FLOPs per the issue's formula, checked against a count from the tiny BERT's config: every
     token through 4 h^2 + 2 h i frozen weights and LoRA's 2 x 2 h r trainable ones per layer; the
@@ -123,3 +135,26 @@ def test_every_variant_of_a_shipped_table_runs_and_is_measured(tmp_path, path):
     assert json.loads(stem.with_suffix(".json").read_text())["rows"][0]["variant"] == rows[0]["variant"]
     for plot in ("loss", "ratio"):
         assert (tmp_path / f"{stem.name}-{plot}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_failing_variant_keeps_the_others_results_and_is_named(tmp_path, monkeypatch):
+    import peftkit.bench_train as bench_train
+
+    real = bench_train._run_child
+
+    def child(bench, variant, extra, log):
+        if variant.name == "houlsby":
+            log.write_text("Traceback: out of memory\n")
+            raise PeftkitError(f"variant {variant.name} failed (exit 1); log {log}")
+        return real(bench, variant, extra, log)
+
+    monkeypatch.setattr(bench_train, "_run_child", child)
+    bench = load_bench(ROOT / "benchmarks" / "train-sentiment.yaml")
+    with pytest.raises(PeftkitError, match=r"1 of 3 variants failed: houlsby \(log .*houlsby"):
+        run(bench, extra=SMOKE["sentiment"], only=["lora", "houlsby", "pfeiffer"], out_dir=tmp_path,
+            log_dir=tmp_path / "logs")
+    saved = json.loads((tmp_path / "train-sentiment-cpu.json").read_text())
+    assert [r["variant"] for r in saved["rows"]] == ["lora", "pfeiffer"]
+    assert saved["meta"]["failed"][0]["variant"] == "houlsby" and len(saved["meta"]["peak_readings"]) == 2
+    table = (tmp_path / "train-sentiment-cpu.md").read_text()
+    assert "| pfeiffer |" in table and "**Failed** (no row): houlsby" in table

@@ -76,3 +76,16 @@ def test_quantized_load_lets_go_of_the_checkpoint_file(tmp_path, quantize):
     assert torch.isfinite(logits(model, inputs)).all()
     embedding = model.get_input_embeddings().weight
     torch.testing.assert_close(embedding, make_tiny("llama", "cls").get_input_embeddings().weight)
+
+
+def test_4bit_layers_compute_in_bf16_on_a_gpu_that_has_it_and_in_the_model_dtype_elsewhere(monkeypatch):
+    from peftkit.loading import bnb_config, compute_dtype
+
+    assert compute_dtype(torch.float32) == torch.float32  # this CPU: fp32 throughout, as the tests train
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert compute_dtype(torch.float32) == torch.bfloat16  # QLoRA's setting
+    assert compute_dtype(torch.float16) == torch.float16  # a half-precision model keeps its own
+    assert bnb_config("nf4", compute_dtype(torch.float32)).bnb_4bit_compute_dtype == torch.bfloat16
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    assert compute_dtype(torch.float32) == torch.float32
