@@ -33,7 +33,8 @@ from .bench import human_size
 from .errors import PeftkitError
 from .presets import read_yaml, resolve_spec
 
-RESULTS_DIR = Path(__file__).resolve().parent.parent / "benchmarks" / "results"
+ROOT = Path(__file__).resolve().parent.parent  # the repository: benchmark files name paths in it
+RESULTS_DIR = ROOT / "benchmarks" / "results"
 SPECIAL = ("full", "reference")
 PRIMARY_METRIC = {"classification": "accuracy", "qa": "f1", "generation": "rouge_l"}
 SPEED_WARMUP_STEPS = 1  # the first step (allocator warm-up, lazy init) is left out of speed and MFU
@@ -117,17 +118,15 @@ def recipe_for(bench: Bench, variant: Variant, extra: list[str] = ()):
 
 def _shown(path: Path) -> str:
     """A path as a reader of the results should type it: relative to the repository when inside it."""
-    root = Path(__file__).resolve().parent.parent
     try:
-        return str(Path(path).resolve().relative_to(root))
+        return str(Path(path).resolve().relative_to(ROOT))
     except ValueError:
         return str(path)
 
 
 def _repo_path(name: str) -> str:
     path = Path(name)
-    root = Path(__file__).resolve().parent.parent
-    return str(root / path) if not path.is_absolute() and (root / path).is_file() else name
+    return str(ROOT / path) if not path.is_absolute() and (ROOT / path).is_file() else name
 
 
 # ---------------------------------------------------------------------------- the driver

@@ -77,14 +77,15 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return dtype
 
 
-def bnb_config(quantize: str, compute_dtype: torch.dtype) -> BitsAndBytesConfig:
+def bnb_config(quantize: str, matmul_dtype: torch.dtype) -> BitsAndBytesConfig:
+    """`matmul_dtype`: what 4-bit layers compute in (see compute_dtype)."""
     if quantize == "8bit":
         return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=HEADS)
     return BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type="fp4" if quantize == "fp4" else "nf4",
         bnb_4bit_use_double_quant=True,
-        bnb_4bit_compute_dtype=compute_dtype,
+        bnb_4bit_compute_dtype=matmul_dtype,
         llm_int8_skip_modules=HEADS,
     )
 
