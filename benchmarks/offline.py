@@ -64,6 +64,8 @@ def pack(out: Path, part_mib: int, models: list[str], wheels: Path | None, drop:
 
 
 def unpack(parts: Path, to: Path) -> None:
+    if not (parts / MANIFEST).is_file():
+        raise PeftkitError(f"unpack: no {MANIFEST} in {parts}; it comes with the parts from `pack`")
     manifest = json.loads((parts / MANIFEST).read_text())
     problems = []
     for part in manifest["parts"]:

@@ -85,6 +85,11 @@ def test_a_bad_part_stops_unpack_before_anything_is_extracted(packed, tmp_path, 
     assert not to.exists()
 
 
+def test_unpack_without_manifest_says_so(tmp_path):
+    with pytest.raises(PeftkitError, match="no manifest.json in"):
+        _offline().unpack(tmp_path, tmp_path / "to")
+
+
 def test_packed_stream_holds_no_path_outside_its_root(packed, tmp_path):
     stage, manifest = packed
     with open(tmp_path / "whole.tar", "wb") as whole:
