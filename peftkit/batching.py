@@ -5,9 +5,13 @@ hands its batches over longest first, so an epoch sweeps long-to-short again and
 again. On the sentiment recipe (seed 42) LoRA reached 0.8076 with that order and
 0.8194 with plain random batches; the padding it saves is what made training 1.8x
 faster on a CPU. This sampler keeps the buckets and shuffles the batches: at the
-grouped speed, LoRA averaged 0.8183 over seeds 42, 1 and 7 against 0.8207 for the
-reference script (the same LoRA, random batches). transformers has no such option,
-hence our own.
+grouped speed, LoRA averaged 0.8165 over eight seeds (42 and 1-7) against 0.8175 for
+the reference script (the same LoRA, random batches), a paired difference of -0.10
+points with a standard error of 0.14. transformers has no such option, hence our own.
+
+The cost is memory on a CPU: batch shapes that change every step fragment glibc's
+heap, and peak RSS came out 1.9% above the reference's (six paired seeds); with
+random batches (`train.group_by_length: false`) the gap was 9 MB of 1.5 GB.
 """
 import torch
 from torch.utils.data import Sampler
