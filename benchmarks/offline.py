@@ -35,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from peftkit.data import bbc, rotten_tomatoes  # noqa: E402
 from peftkit.embedded import EMBEDDED_MODELS, PACKAGES, package_dir  # noqa: E402
 from peftkit.errors import PeftkitError  # noqa: E402
+from peftkit.saving import atomic_write  # noqa: E402
 
 DATA = (rotten_tomatoes.SOURCE, bbc.SOURCE)  # (package, path inside it): the benchmarks' data sets
 MANIFEST = "manifest.json"
@@ -51,6 +52,7 @@ def pack(out: Path, part_mib: int, models: list[str], wheels: Path | None, drop:
     if wheels and not wheel_files:
         raise PeftkitError(f"--wheels: no .whl files in {wheels}")
     out.mkdir(parents=True, exist_ok=True)
+    (out / MANIFEST).unlink(missing_ok=True)  # an interrupted pack must not leave an old manifest beside new parts
     stream = out / "stream.tar"
     with tarfile.open(stream, "w") as tar:
         for dist, inside in [(EMBEDDED_MODELS[m]["package"], "") for m in models] + list(DATA):
@@ -59,7 +61,7 @@ def pack(out: Path, part_mib: int, models: list[str], wheels: Path | None, drop:
             _add_wheel(tar, wheel, drop)
     manifest = {"stream": _digest(stream), "parts": _cut(stream, out, part_mib << 20)}
     stream.unlink()
-    (out / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
+    atomic_write(out / MANIFEST, json.dumps(manifest, indent=1) + "\n")
     return manifest
 
 

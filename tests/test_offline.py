@@ -54,12 +54,14 @@ def test_parts_are_bounded_and_listed(packed):
     assert json.loads((stage / "manifest.json").read_text()) == manifest
 
 
-def test_unpack_gives_the_same_files_and_installs_trimmed_wheels(packed, tmp_path):
+def test_unpack_gives_the_same_files_and_installs_trimmed_wheels(packed, tmp_path, monkeypatch):
     stage, _ = packed
     _offline().unpack(stage, tmp_path)
-    for dist, inside in (rotten_tomatoes.SOURCE, bbc.SOURCE):
-        source = package_dir(dist) / inside
-        copied = tmp_path / "packages" / source.relative_to(package_dir(dist).parent.parent)
+    sources = [(dist, inside, package_dir(dist) / inside) for dist, inside in (rotten_tomatoes.SOURCE, bbc.SOURCE)]
+    monkeypatch.setenv("PEFTKIT_CACHE", str(tmp_path))  # what the far side sets: peftkit must find them there
+    for dist, inside, source in sources:
+        copied = package_dir(dist) / inside
+        assert tmp_path in copied.parents
         files = [source] if source.is_file() else sorted(p for p in source.rglob("*") if p.is_file())
         assert files
         for path in files:
