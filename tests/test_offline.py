@@ -2,6 +2,8 @@
 import importlib.util
 import json
 import shutil
+import subprocess
+import sys
 import tarfile
 import zipfile
 from pathlib import Path
@@ -10,16 +12,18 @@ import pytest
 
 from peftkit.data import bbc, rotten_tomatoes
 from peftkit.embedded import package_dir
-from peftkit.errors import PeftkitError
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _offline():
+def _load_offline():
     spec = importlib.util.spec_from_file_location("offline", ROOT / "benchmarks" / "offline.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+offline = _load_offline()
 
 
 def _wheel(folder: Path) -> Path:
@@ -41,7 +45,7 @@ def packed(tmp_path_factory):
     base = tmp_path_factory.mktemp("offline")
     wheels = base / "wheels"
     _wheel(wheels)
-    manifest = _offline().pack(base / "stage", 2, models=[], wheels=wheels, drop=["*cuda118*"])
+    manifest = offline.pack(base / "stage", 2, models=[], wheels=wheels, drop=["*cuda118*"])
     return base / "stage", manifest
 
 
@@ -56,7 +60,7 @@ def test_parts_are_bounded_and_listed(packed):
 
 def test_unpack_gives_the_same_files_and_installs_trimmed_wheels(packed, tmp_path, monkeypatch):
     stage, _ = packed
-    _offline().unpack(stage, tmp_path)
+    offline.unpack(stage, tmp_path)
     sources = [(dist, inside, package_dir(dist) / inside) for dist, inside in (rotten_tomatoes.SOURCE, bbc.SOURCE)]
     monkeypatch.setenv("PEFTKIT_CACHE", str(tmp_path))  # what the far side sets: peftkit must find them there
     for dist, inside, source in sources:
@@ -82,14 +86,14 @@ def test_a_bad_part_stops_unpack_before_anything_is_extracted(packed, tmp_path, 
     else:
         victim.write_bytes(victim.read_bytes()[:-1])
     to = tmp_path / "to"
-    with pytest.raises(PeftkitError, match=f"nothing extracted: {victim.name}"):
-        _offline().unpack(parts, to)
+    with pytest.raises(offline.OfflineError, match=f"nothing extracted: {victim.name}"):
+        offline.unpack(parts, to)
     assert not to.exists()
 
 
 def test_unpack_without_manifest_says_so(tmp_path):
-    with pytest.raises(PeftkitError, match="no manifest.json in"):
-        _offline().unpack(tmp_path, tmp_path / "to")
+    with pytest.raises(offline.OfflineError, match="no manifest.json in"):
+        offline.unpack(tmp_path, tmp_path / "to")
 
 
 def test_packed_stream_holds_no_path_outside_its_root(packed, tmp_path):
@@ -102,7 +106,18 @@ def test_packed_stream_holds_no_path_outside_its_root(packed, tmp_path):
     assert all(n.split("/")[0] in ("packages", "wheels") and ".." not in n for n in names)
 
 
+def test_unpack_needs_neither_peftkit_nor_its_dependencies(packed, tmp_path):
+    # on the bare far side, datasets and the pinned transformers arrive inside the parts
+    stage, _ = packed
+    blocked = "import sys; [sys.modules.__setitem__(m, None) for m in ('peftkit', 'datasets', 'transformers', 'torch')]"
+    run = f"{blocked}; import runpy; runpy.run_path({str(ROOT / 'benchmarks' / 'offline.py')!r}, run_name='__main__')"
+    done = subprocess.run([sys.executable, "-c", run, "unpack", "--parts", str(stage), "--to", str(tmp_path)],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "site" / "tinypkg" / "__init__.py").is_file()
+
+
 def test_unknown_model_is_refused_before_writing(tmp_path):
-    with pytest.raises(PeftkitError, match="unknown model 'bert-huge'.*minilm-l6"):
-        _offline().pack(tmp_path / "stage", 60, models=["bert-huge"], wheels=None)
+    with pytest.raises(offline.OfflineError, match="unknown model 'bert-huge'.*minilm-l6"):
+        offline.pack(tmp_path / "stage", 60, models=["bert-huge"], wheels=None)
     assert not (tmp_path / "stage").exists()
