@@ -283,7 +283,7 @@ def run_variant(bench: Bench, variant: Variant, extra: list[str] = ()) -> dict:
     metric = PRIMARY_METRIC[recipe.task]
     return {
         "variant": variant.name, "method": variant.method, "quantize": variant.quantize,
-        "gradient_checkpointing": bool(getattr(model, "is_gradient_checkpointing", False)),
+        "gradient_checkpointing": bool(getattr(model, "is_activation_checkpointing", False)),
         "lr": recipe.train.lr, "batch_size": recipe.train.batch_size, "max_length": recipe.train.max_length,
         "trainable": report["trainable"], "total": report["total"], "ratio": report["ratio"],
         "file_bytes": _saved_bytes(model, variant.method), "baseline_mb": baseline_mb,
@@ -323,11 +323,13 @@ def _trainer(bench: Bench, variant: Variant, recipe, work: Path, meter) -> tuple
 
 
 def _hyperparameters(recipe) -> dict:
-    """What the reference script is told: the recipe's training settings (and instruction)."""
+    """What the reference script is told: the recipe's training settings (and instruction, and
+    model config changes, so both sides train the same model)."""
     t = recipe.train
     return {"lr": t.lr, "batch_size": t.batch_size, "epochs": t.epochs, "max_steps": t.max_steps,
             "max_length": t.max_length, "warmup_ratio": t.warmup_ratio, "seed": t.seed,
-            "logging_steps": t.logging_steps, "instruction": recipe.data.instruction}
+            "logging_steps": t.logging_steps, "instruction": recipe.data.instruction,
+            "model_config": recipe.model_config}
 
 
 def _import_script(path: Path):

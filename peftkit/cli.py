@@ -139,19 +139,18 @@ def _merge(args):
 
 
 def _presets(args):
-    from .presets import PRESETS_DIR, preset_names, read_yaml
+    from .presets import PRESETS_DIR, describe_spec, preset_names, read_yaml
     for name in preset_names():
-        options = read_yaml(PRESETS_DIR / f"{name}.yaml")
-        print(f"{name:<12} " + " ".join(f"{k}={v}" for k, v in options.items()))
+        print(f"{name:<12} {describe_spec(read_yaml(PRESETS_DIR / f'{name}.yaml'))}")
 
 
 def _recipes(args):
     from .recipe import RECIPES_DIR, recipe_names
-    from .presets import read_yaml
+    from .presets import describe_spec, read_yaml
     for name in recipe_names():
         r = read_yaml(RECIPES_DIR / f"{name}.yaml")
-        print(f"{name:<22} {r.get('task', '?'):<15} {r.get('model', '?'):<14} {r.get('method', '?')!s:<10} "
-              f"{r.get('data', {}).get('dataset', '?')}")
+        print(f"{name:<22} {r.get('task', '?'):<15} {r.get('model', '?'):<14} "
+              f"{r.get('data', {}).get('dataset', '?'):<16} {describe_spec(r.get('method', '?'))}")
 
 
 def _parse_row(line: str, number: int) -> dict:

@@ -1,8 +1,10 @@
 """load_model / load_tokenizer: embedded short names, local folders or hub ids,
 optionally on a 4-bit or 8-bit bitsandbytes base."""
+import difflib
+
 import torch
 import transformers
-from transformers import AutoTokenizer, BitsAndBytesConfig
+from transformers import AutoConfig, AutoTokenizer, BitsAndBytesConfig
 
 from .embedded import model_name, resolve_model
 from .errors import PeftkitError
@@ -38,6 +40,29 @@ def load_model(name_or_path: str, task: str = "causal-lm", quantize: str | None 
     if quantize:
         release_checkpoint_file(model)
     return model
+
+
+def check_config_overrides(name_or_path: str, overrides: dict) -> None:
+    """Fail before any work when a recipe's model_config names a setting the model's config lacks
+    or gives it a value of another kind: from_pretrained would keep a misspelt key as a new,
+    unused attribute, and training would go on with the default."""
+    config = AutoConfig.from_pretrained(resolve_model(name_or_path))
+    settings = config.to_dict()
+    for key, value in overrides.items():
+        # num_labels and a few others are properties, absent from to_dict()
+        if key not in settings and not isinstance(getattr(type(config), key, None), property):
+            near = difflib.get_close_matches(key, settings, n=3)
+            hint = f"did you mean {' or '.join(near)}? " if near else ""
+            raise PeftkitError(f"model_config.{key} is not a setting of {name_or_path}'s config "
+                               f"({config.model_type}); {hint}its settings: {', '.join(sorted(settings))}")
+        current = getattr(config, key)
+        if (_is_number(current) and not _is_number(value)) or isinstance(current, bool) != isinstance(value, bool):
+            raise PeftkitError(f"model_config.{key} must be a {type(current).__name__} like the config's own "
+                               f"value {current!r}, got {value!r} ({type(value).__name__})")
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def release_checkpoint_file(model) -> None:

@@ -47,6 +47,13 @@ def resolve_spec(spec) -> tuple[str, dict, str | None]:
     return method, options, quantize
 
 
+def describe_spec(spec) -> str:
+    """One line for listings and summaries: a preset's name, or an inline spec's options."""
+    if isinstance(spec, dict):
+        return " ".join(f"{k}={v}" for k, v in spec.items())
+    return str(spec)
+
+
 def _preset_path(spec: str) -> Path:
     if spec.endswith((".yaml", ".yml")) or "/" in spec:
         path = Path(spec).expanduser()

@@ -64,6 +64,9 @@ class Recipe:
     data: Data
     train: Train = field(default_factory=Train)
     quantize: str | None = None  # nf4 | fp4 | 4bit | 8bit (presets may set it)
+    # settings of the model's config that this recipe's runs load the base with (train, evaluate,
+    # predict), e.g. {attention_probs_dropout_prob: 0.0}
+    model_config: dict = field(default_factory=dict)
     output_dir: str = "runs"
 
     def __post_init__(self):

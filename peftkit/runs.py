@@ -49,5 +49,6 @@ def open_run(path) -> Run:
         if "num_labels" in task else {}
     tokenizer = load_tokenizer(recipe.model)
     base = load_model(recipe.model, task=task.get("class", task_module(recipe.task).MODEL_TASK),
-                      quantize=recipe.quantize or preset_quantize, pad_token_id=tokenizer.pad_token_id, **extra)
+                      quantize=recipe.quantize or preset_quantize, pad_token_id=tokenizer.pad_token_id, **extra,
+                      **recipe.model_config)
     return Run(path, recipe, load_adapter(base, path), tokenizer)

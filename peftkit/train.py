@@ -21,9 +21,9 @@ from .attach import attach
 from .batching import LengthBucketSampler
 from .datasource import load_splits
 from .errors import PeftkitError
-from .loading import load_model, load_tokenizer
+from .loading import check_config_overrides, load_model, load_tokenizer
 from .meter import peak_memory_mb
-from .presets import resolve_spec
+from .presets import describe_spec, resolve_spec
 from .recipe import Recipe
 from .report import param_report
 from .saving import restore_adapter_weights, staged_dir, write_adapter_files
@@ -93,11 +93,17 @@ def set_up(recipe: Recipe) -> Setup:
     task = task_module(recipe.task)
     _, _, preset_quantize = resolve_spec(recipe.method)
     quantize = recipe.quantize or preset_quantize
+    check_config_overrides(recipe.model, recipe.model_config)
     set_seed(recipe.train.seed)  # before the model is built: new heads and adapters draw their init from it
     tokenizer = load_tokenizer(recipe.model)
     splits = load_splits(recipe.data, recipe.train.seed)
     prepared = task.prepare(recipe, splits, tokenizer)  # every data check happens here, before training
-    model = load_model(recipe.model, task=task.MODEL_TASK, quantize=quantize, **prepared["model_kwargs"])
+    taken = sorted(set(recipe.model_config) & set(prepared["model_kwargs"]))
+    if taken:
+        raise PeftkitError(f"model_config.{taken[0]} is set by the {recipe.task} task from the data and "
+                           f"tokenizer ({', '.join(prepared['model_kwargs'])}); remove it from model_config")
+    model = load_model(recipe.model, task=task.MODEL_TASK, quantize=quantize,
+                       **prepared["model_kwargs"], **recipe.model_config)
     return Setup(task, tokenizer, splits, prepared, model, quantize)
 
 
@@ -144,7 +150,8 @@ def train(recipe: Recipe, resume: bool = False) -> Path:
 
 def summary(run_dir: Path, metrics: dict) -> str:
     rows = [f"run          {run_dir}",
-            f"model        {metrics['model']}  method {metrics['method']}  quantize {metrics['quantize']}",
+            f"model        {metrics['model']}  method {describe_spec(metrics['method'])}  "
+            f"quantize {metrics['quantize']}",
             f"trainable    {metrics['trainable_params']:,} of {metrics['total_params']:,} "
             f"({metrics['trainable_ratio']:.3%})",
             f"train        {metrics['train_seconds']} s, {metrics['train_samples_per_second']} samples/s, "
@@ -205,9 +212,11 @@ def _write_run(run_dir: Path, model, recipe: Recipe, metrics: dict, log: list) -
 
 def _model_card(run_dir: Path, recipe: Recipe, metrics: dict) -> str:
     scores = ", ".join(f"{k} {v:.4f}" for k, v in metrics["adapted"].items())
+    method, spec = resolve_spec(recipe.method)[0], describe_spec(recipe.method)
+    adapter = f"{method} adapter" if spec == method else f"{method} adapter (`{spec}`)"
     return f"""# {recipe.name}
 
-A {recipe.method if isinstance(recipe.method, str) else recipe.method.get('method')} adapter for
+A {adapter} for
 `{recipe.model}`, task `{recipe.task}`, trained by peftkit on `{recipe.data.dataset}`.
 
 Test ({metrics['test_examples']} examples): {scores}.

@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from peftkit.errors import PeftkitError
 from peftkit.recipe import RECIPES_DIR, load_recipe
@@ -62,6 +63,14 @@ def test_data_errors_come_before_training(tmp_path):
         train(load_recipe("sentiment-lora", base + ["data.dataset=./missing.csv"]))
     with pytest.raises(PeftkitError, match="model 'no such model' is neither a local path"):
         train(load_recipe("sentiment-lora", base + ["model=no such model"]))
+    with pytest.raises(PeftkitError, match="model_config.attention_dropout is not a setting of minilm-l6's config "
+                                           r"\(bert\); did you mean attention_probs_dropout_prob"):
+        train(load_recipe("sentiment-lora", base + ["model_config.attention_dropout=0.0"]))
+    with pytest.raises(PeftkitError, match="model_config.hidden_dropout_prob must be a float like the config's "
+                                           "own value 0.1, got 'none'"):
+        train(load_recipe("sentiment-lora", base + ["model_config.hidden_dropout_prob=none"]))
+    with pytest.raises(PeftkitError, match="model_config.num_labels is set by the classification task"):
+        train(load_recipe("sentiment-lora", base + ["model_config.num_labels=3"]))
     assert not (tmp_path / "runs" / "sentiment-lora").exists()
 
 
@@ -99,6 +108,32 @@ def test_train_eval_predict_end_to_end(tmp_path):
     assert bad.returncode == 2 and "input line 1 is not JSON" in bad.stderr
     listing = subprocess.run(cli + ["presets"], capture_output=True, text=True, check=True).stdout
     assert "houlsby" in listing and "qlora" in listing
+
+
+def test_model_config_reaches_training_and_the_reopened_run(tmp_path):
+    from peftkit.attach import attach
+    from peftkit.runs import open_run
+    from peftkit.train import set_up
+    no_dropout = ["model_config={attention_probs_dropout_prob: 0.0, hidden_dropout_prob: 0.0}",
+                  "method={method: lora, lora_dropout: 0.0}"]
+
+    def train_mode_outputs(model, tokenizer):
+        batch = tokenizer(["a fine, moving film", "flat"], padding=True, return_tensors="pt")
+        model.train()
+        with torch.no_grad():
+            return model(**batch).logits, model(**batch).logits
+
+    default = set_up(load_recipe("sentiment-lora", TINY))
+    first, second = train_mode_outputs(attach(default.model, "lora"), default.tokenizer)
+    assert not torch.equal(first, second)  # dropout draws differ from pass to pass
+    recipe = load_recipe("sentiment-lora", TINY + no_dropout + [f"output_dir={tmp_path}"])
+    setup = set_up(recipe)
+    first, second = train_mode_outputs(attach(setup.model, recipe.method), setup.tokenizer)
+    assert torch.equal(first, second)  # nothing left to drop: the settings reached every layer
+    run = open_run(train(recipe))
+    assert run.recipe.model_config == {"attention_probs_dropout_prob": 0.0, "hidden_dropout_prob": 0.0}
+    first, second = train_mode_outputs(run.model, run.tokenizer)
+    assert torch.equal(first, second)
 
 
 def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path):

@@ -13,13 +13,13 @@ from transformers import (AutoModelForCausalLM, AutoTokenizer, DataCollatorForSe
 
 
 def build(model_dir, splits, output_dir, *, instruction, lr, batch_size, epochs, max_steps, max_length,
-          warmup_ratio, seed, logging_steps, callbacks=(), **unused) -> Trainer:
+          warmup_ratio, seed, logging_steps, model_config, callbacks=(), **unused) -> Trainer:
     set_seed(seed)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "right"  # for training
-    model = AutoModelForCausalLM.from_pretrained(model_dir, pad_token_id=tokenizer.pad_token_id)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, pad_token_id=tokenizer.pad_token_id, **model_config)
     model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", r=8, lora_alpha=16, lora_dropout=0.05,
                                              target_modules=["q_proj", "v_proj"]))
 

@@ -14,13 +14,13 @@ from transformers import (AutoModelForSequenceClassification, AutoTokenizer, Dat
 
 
 def build(model_dir, splits, output_dir, *, lr, batch_size, epochs, max_steps, max_length, warmup_ratio, seed,
-          logging_steps, callbacks=(), **unused) -> Trainer:
+          logging_steps, model_config, callbacks=(), **unused) -> Trainer:
     set_seed(seed)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     labels = splits["train"].features["label"].names
     model = AutoModelForSequenceClassification.from_pretrained(
         model_dir, num_labels=len(labels), id2label=dict(enumerate(labels)),
-        label2id={name: i for i, name in enumerate(labels)})
+        label2id={name: i for i, name in enumerate(labels)}, **model_config)
     model = get_peft_model(model, LoraConfig(task_type="SEQ_CLS", r=8, lora_alpha=16, lora_dropout=0.05,
                                              target_modules=["query", "value"]))
 

@@ -4,16 +4,11 @@ from datasets import ClassLabel
 from tqdm.auto import tqdm
 from transformers import DataCollatorWithPadding
 
+from ..batching import PAD_MULTIPLE
 from ..datasource import require_columns
 from ..errors import PeftkitError
 
 MODEL_TASK = "classification"
-# Batches are padded to a multiple of 8 tokens. With length-bucketed batches that is 8 batch
-# shapes instead of ~50 on the sentiment recipe: glibc then reuses freed activation blocks of
-# recurring sizes, where ever-changing shapes fragmented its heap (sentiment LoRA peak RSS, seeds
-# 2-4: 1,585, 1,541, 1,557 MB -> 1,350, 1,386, 1,385 MB; the tokens padded grow by 12%). GPUs'
-# tensor cores want multiples of 8 as well.
-PAD_MULTIPLE = 8
 
 
 def prepare(recipe, splits, tokenizer) -> dict:

@@ -15,6 +15,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import DataCollatorWithPadding
 
+from ..batching import PAD_MULTIPLE
 from ..datasource import require_columns
 from ..errors import PeftkitError
 
@@ -42,7 +43,7 @@ def prepare(recipe, splits, tokenizer) -> dict:
                                 desc="tokenizing (question + context windows)")
     return {
         "train": train,
-        "collator": DataCollatorWithPadding(tokenizer),
+        "collator": DataCollatorWithPadding(tokenizer, pad_to_multiple_of=PAD_MULTIPLE),
         "model_kwargs": {"pad_token_id": tokenizer.pad_token_id},
     }
 
