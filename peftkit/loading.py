@@ -46,6 +46,8 @@ def check_config_overrides(name_or_path: str, overrides: dict) -> None:
     """Fail before any work when a recipe's model_config names a setting the model's config lacks
     or gives it a value of another kind: from_pretrained would keep a misspelt key as a new,
     unused attribute, and training would go on with the default."""
+    if not overrides:
+        return  # most recipes: no need to read the config here
     config = AutoConfig.from_pretrained(resolve_model(name_or_path))
     settings = config.to_dict()
     for key, value in overrides.items():
