@@ -3,22 +3,26 @@ changes no prediction and no label."""
 import torch
 from datasets import Dataset, DatasetDict
 
+from peftkit.batching import PAD_MULTIPLE as MULTIPLE
 from peftkit.loading import load_tokenizer
 from peftkit.recipe import Data, Recipe, Train
 from peftkit.tasks import classification, qa
 
 from conftest import make_tiny
 
-from peftkit.batching import PAD_MULTIPLE as MULTIPLE
+
+def _prepare(task, rows: dict, data: Data, **train) -> dict:
+    """`task.prepare` on `rows` as every split, for minilm-l6."""
+    splits = DatasetDict({name: Dataset.from_dict(rows) for name in ("train", "validation", "test")})
+    recipe = Recipe(name="t", task=task.MODEL_TASK, model="minilm-l6", method="lora", data=data,
+                    train=Train(**train))
+    return task.prepare(recipe, splits, load_tokenizer("minilm-l6"))
 
 
 def _prepared() -> dict:
     rows = {"text": ["good", "a long and winding review of a film that was, on the whole, fine", "bad film"],
             "label": ["pos", "neg", "neg"]}
-    splits = DatasetDict({name: Dataset.from_dict(rows) for name in ("train", "validation", "test")})
-    recipe = Recipe(name="t", task="classification", model="minilm-l6", method="lora",
-                    data=Data(dataset="inline", text="text", label="label"), train=Train(max_length=64))
-    return classification.prepare(recipe, splits, load_tokenizer("minilm-l6"))
+    return _prepare(classification, rows, Data(dataset="inline", text="text", label="label"), max_length=64)
 
 
 def test_batches_are_padded_to_a_multiple_of_8():
@@ -46,12 +50,9 @@ def test_qa_batches_are_padded_to_a_multiple_of_8_and_keep_their_labels():
     contexts = ["Profits rose by 12% in 2004, the firm said.", "John Smith, who runs the firm, said so on Monday."]
     answers = [{"text": ["12%"], "answer_start": [contexts[0].index("12%")]},
                {"text": ["Monday"], "answer_start": [contexts[1].index("Monday")]}]
-    rows = {"question": ["By how much did profits rise?", "On which day did John Smith say so?"], "context": contexts,
-            "answers": answers}
-    splits = DatasetDict({name: Dataset.from_dict(rows) for name in ("train", "validation", "test")})
-    recipe = Recipe(name="t", task="qa", model="minilm-l6", method="lora", data=Data(dataset="inline"),
-                    train=Train(max_length=64, doc_stride=16))
-    prepared = qa.prepare(recipe, splits, load_tokenizer("minilm-l6"))
+    rows = {"question": ["By how much did profits rise?", "On which day did John Smith say so?"],
+            "context": contexts, "answers": answers}
+    prepared = _prepare(qa, rows, Data(dataset="inline"), max_length=64, doc_stride=16)
     features = [prepared["train"][i] for i in range(2)]
     needed = max(len(f["input_ids"]) for f in features)
     assert needed % MULTIPLE != 0  # so padding is added at all
