@@ -5,16 +5,19 @@
 
 A benchmark file names a recipe, overrides shared by every variant (same data,
 seed, steps and batch shape) and the variants: a method preset (optionally on a
-4-bit/8-bit base), `full` (every weight trains) or `reference` (peft's LoRA
+4-bit/8-bit base), `full` (every weight trains), `reference` (peft's LoRA
 through a plain Trainer script, benchmarks/reference/, the way users write it
-today). Each variant trains in its own process, so its peak memory is its own.
+today) or `reference-tuned` (the same script with what a knowledgeable Trainer
+user adds: length grouping, padding to 8, bf16 where native, fused AdamW). Each
+variant trains in its own process, so its peak memory is its own.
 
 Per variant: trainable ratio, adapter file size, samples/s and tokens/s (real,
 non-padding tokens), peak memory while training, the recipe's test metric, and
 model FLOP utilization (MFU): the step's model FLOPs (forward 2*N*tokens,
 backward through frozen weights 2*N*tokens, weight gradients 2*N_trainable*tokens,
 N summed over the linear layers a token passes through) per second, over the
-peak matmul FLOP/s measured on this machine in this run. Results: a markdown
+peak matmul FLOP/s measured on this machine in this run in the dtype the variant
+computes in (fp32, or bf16 under autocast). Results: a markdown
 table, a JSON file, the loss curves and a trainable-ratio vs metric chart.
 """
 import argparse
@@ -35,7 +38,8 @@ from .presets import read_yaml, resolve_spec
 
 ROOT = Path(__file__).resolve().parent.parent  # the repository: benchmark files name paths in it
 RESULTS_DIR = ROOT / "benchmarks" / "results"
-SPECIAL = ("full", "reference")
+REFERENCES = ("reference", "reference-tuned")  # peft + a plain Trainer script: as is, and tuned
+SPECIAL = ("full", *REFERENCES)
 PRIMARY_METRIC = {"classification": "accuracy", "qa": "f1", "generation": "rouge_l"}
 SPEED_WARMUP_STEPS = 1  # the first step (allocator warm-up, lazy init) is left out of speed and MFU
 WARMUP_STEPS = 20  # the untimed run before the table: enough batch shapes to load the common kernels
@@ -46,7 +50,7 @@ WARMUP_STEPS = 20  # the untimed run before the table: enough batch shapes to lo
 @dataclass
 class Variant:
     name: str
-    method: str  # a preset name or path, "full" or "reference"
+    method: str  # a preset name or path, "full", "reference" or "reference-tuned"
     quantize: str | None = None
     overrides: dict = field(default_factory=dict)  # dotted recipe keys, this variant only
 
@@ -78,7 +82,7 @@ def load_bench(path) -> Bench:
         raise PeftkitError(f"{path}: variants must be a mapping of name -> settings")
     variants = [_variant(name, settings or {}, path) for name, settings in data["variants"].items()]
     reference = data.get("reference")
-    if any(v.method == "reference" for v in variants) and not reference:
+    if any(v.method in REFERENCES for v in variants) and not reference:
         raise PeftkitError(f"{path}: a reference variant needs `reference: path/to/script.py`")
     reference = Path(_repo_path(str(reference))) if reference else None
     if reference is not None and not reference.is_file():
@@ -136,17 +140,9 @@ def run(bench: Bench, extra: list[str] = (), only: list[str] | None = None, out_
     """Train every variant (each in a fresh process, its output in log_dir), then write the table and plots."""
     from tqdm.auto import tqdm
 
-    variants = bench.variants
-    if only:
-        names = [v.name for v in variants]
-        missing = [n for n in only if n not in names]
-        if missing:
-            raise PeftkitError(f"--only: no variant {missing[0]!r} in {bench.path}; variants: {', '.join(names)}")
-        variants = [v for v in variants if v.name in only]
-    for variant in variants:  # every recipe must load before the first one trains
-        recipe_for(bench, variant, extra)
+    variants = selected(bench, only, extra)
     device = "cuda" if _cuda() else "cpu"
-    peaks = [peak_matmul_flops(device)]
+    peaks = [matmul_peaks(device)]
     meta = _machine(device) | {"bench": _shown(bench.path), "only": list(only or []), "recipe": bench.recipe,
                                "overrides": bench.overrides, "extra": list(extra),
                                "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
@@ -164,7 +160,7 @@ def run(bench: Bench, extra: list[str] = (), only: list[str] | None = None, out_
             tqdm.write(str(error))
         if rows:  # the table so far is on disk after every variant: an interrupted run keeps it
             _finish(stem, meta, rows, failed, peaks)
-    peaks.append(peak_matmul_flops(device))
+    peaks.append(matmul_peaks(device))
     if rows:
         _finish(stem, meta, rows, failed, peaks)
         print(summary_table(rows))
@@ -173,6 +169,20 @@ def run(bench: Bench, extra: list[str] = (), only: list[str] | None = None, out_
         raise PeftkitError(f"{len(failed)} of {len(variants)} variants failed: "
                            + ", ".join(f"{f['variant']} (log {f['log']})" for f in failed))
     return rows
+
+
+def selected(bench: Bench, only: list[str] | None, extra: list[str]) -> list[Variant]:
+    """The variants `--only` names (all without it), each recipe loaded once to fail before any training."""
+    variants = bench.variants
+    if only:
+        names = [v.name for v in variants]
+        missing = [n for n in only if n not in names]
+        if missing:
+            raise PeftkitError(f"--only: no variant {missing[0]!r} in {bench.path}; variants: {', '.join(names)}")
+        variants = [v for v in variants if v.name in only]
+    for variant in variants:
+        recipe_for(bench, variant, extra)
+    return variants
 
 
 def _warm_up(bench: Bench, variant: Variant, extra: list[str], log: Path) -> None:
@@ -191,10 +201,11 @@ def _warm_up(bench: Bench, variant: Variant, extra: list[str], log: Path) -> Non
         print(f"warm-up run failed; going on: {str(error).splitlines()[0]}", file=sys.stderr)
 
 
-def _finish(stem: Path, meta: dict, rows: list[dict], failed: list[dict], peaks: list[float]) -> None:
-    peak = max(peaks)  # the higher reading of before and after: MFU errs low, not high, on a shared machine
-    for row in rows:
-        row["mfu"] = row["model_flops_per_s"] / peak if row.get("model_flops_per_s") else None
+def _finish(stem: Path, meta: dict, rows: list[dict], failed: list[dict], peaks: list[dict]) -> None:
+    # the higher reading of before and after: MFU errs low, not high, on a shared machine
+    peak = {dtype: max(reading[dtype] for reading in peaks) for dtype in peaks[0]}
+    for row in rows:  # against the peak of the dtype the variant's matmuls run in
+        row["mfu"] = row["model_flops_per_s"] / peak[row["precision"]] if row.get("model_flops_per_s") else None
     write_results(stem, meta | {"peak_matmul_flops": peak, "peak_readings": list(peaks), "failed": failed}, rows)
 
 
@@ -216,11 +227,19 @@ def _one_line(row: dict) -> str:
             f"peak {row['peak_mb']:,.0f} MB")
 
 
-def peak_matmul_flops(device: str, seconds: float = 3.0) -> float:
-    """The best FLOP/s of large square matmuls (fp32 on CPU, bf16 on GPU), over several timed windows."""
+def matmul_peaks(device: str) -> dict:
+    """{"fp32": FLOP/s, "bf16": FLOP/s}: this machine's matmul peak in each dtype a variant can compute in."""
     import torch
 
-    n, dtype = (8192, torch.bfloat16) if device == "cuda" else (2048, torch.float32)
+    return {name: peak_matmul_flops(device, dtype) for name, dtype in (("fp32", torch.float32),
+                                                                        ("bf16", torch.bfloat16))}
+
+
+def peak_matmul_flops(device: str, dtype, seconds: float = 3.0) -> float:
+    """The best FLOP/s of large square matmuls in `dtype`, over several timed windows."""
+    import torch
+
+    n = 8192 if device == "cuda" else 2048
     a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
     best, deadline = 0.0, time.perf_counter() + seconds
     while time.perf_counter() < deadline:
@@ -266,6 +285,7 @@ def run_variant(bench: Bench, variant: Variant, extra: list[str] = ()) -> dict:
     from transformers import Trainer  # noqa: F401
 
     from .meter import Meter, rss_mb
+    from .precision import compute
     from .report import param_report
 
     # RSS with the libraries loaded and no model yet; CUDA's counter starts at 0 with the process
@@ -273,16 +293,17 @@ def run_variant(bench: Bench, variant: Variant, extra: list[str] = ()) -> dict:
     recipe = recipe_for(bench, variant, extra)
     meter = Meter()
     with tempfile.TemporaryDirectory(prefix="peftkit-bench-work-") as work:
-        trainer, tokenizer, splits, task = _trainer(bench, variant, recipe, Path(work), meter)
+        trainer, tokenizer, splits, task, precision = _trainer(bench, variant, recipe, Path(work), meter)
         model = trainer.model
         report = param_report(model)
         meter.watch(model)
         trainer.train()
         meter.unwatch()
-    scores = task.evaluate(model, tokenizer, splits["test"], recipe, desc="test")
+    with compute(precision):  # every variant is tested as it trained
+        scores = task.evaluate(model, tokenizer, splits["test"], recipe, desc="test")
     metric = PRIMARY_METRIC[recipe.task]
     return {
-        "variant": variant.name, "method": variant.method, "quantize": variant.quantize,
+        "variant": variant.name, "method": variant.method, "quantize": variant.quantize, "precision": precision,
         "gradient_checkpointing": bool(getattr(model, "is_activation_checkpointing", False)),
         "lr": recipe.train.lr, "batch_size": recipe.train.batch_size, "max_length": recipe.train.max_length,
         "trainable": report["trainable"], "total": report["total"], "ratio": report["ratio"],
@@ -293,23 +314,30 @@ def run_variant(bench: Bench, variant: Variant, extra: list[str] = ()) -> dict:
 
 
 def _trainer(bench: Bench, variant: Variant, recipe, work: Path, meter) -> tuple:
-    """(trainer, tokenizer, splits, task) for a variant: peftkit's recipe path, full fine-tuning
+    """(trainer, tokenizer, splits, task, precision) for a variant: peftkit's recipe path, full fine-tuning
     on that same path, or the reference script."""
+    import torch
     from transformers import set_seed
 
     from .attach import attach
     from .datasource import load_splits
     from .embedded import resolve_model
     from .loading import load_tokenizer
+    from .precision import native_bf16
     from .tasks import task_module
     from .train import make_trainer, set_up
 
-    if variant.method == "reference":
+    if variant.method in REFERENCES:
         set_seed(recipe.train.seed)
         splits = load_splits(recipe.data, recipe.train.seed)
+        tuned = variant.method == "reference-tuned"
+        # bf16 autocast: the plain script as users write it turns it on for bf16 GPUs only; the
+        # tuned one wherever the hardware computes bf16 natively (a CPU with AVX512-BF16 or AMX too)
+        bf16 = native_bf16() if tuned else torch.cuda.is_available() and torch.cuda.is_bf16_supported()
         trainer = _import_script(bench.reference).build(resolve_model(recipe.model), splits, str(work),
-                                                        callbacks=[meter], **_hyperparameters(recipe))
-        return trainer, load_tokenizer(recipe.model), splits, task_module(recipe.task)
+                                                        callbacks=[meter], bf16=bf16, tuned=tuned,
+                                                        **_hyperparameters(recipe))
+        return trainer, load_tokenizer(recipe.model), splits, task_module(recipe.task), "bf16" if bf16 else "fp32"
     setup = set_up(recipe)
     if variant.method == "full":
         model = setup.model
@@ -319,7 +347,7 @@ def _trainer(bench: Bench, variant: Variant, recipe, work: Path, meter) -> tuple
     else:
         model = attach(setup.model, recipe.method, gradient_checkpointing=recipe.train.gradient_checkpointing)
     trainer = make_trainer(recipe, setup, model, work, save=False, callbacks=[meter])
-    return trainer, setup.tokenizer, setup.splits, setup.task
+    return trainer, setup.tokenizer, setup.splits, setup.task, setup.precision
 
 
 def _hyperparameters(recipe) -> dict:
@@ -356,22 +384,26 @@ def _saved_bytes(model, method: str) -> int:
 
 # ---------------------------------------------------------------------------- reports
 
-COLUMNS = [("variant", "variant"), ("base", "base"), ("ckpt", "grad ckpt"), ("ratio", "trainable"),
-           ("file", "file"), ("sps", "samples/s"), ("tps", "tokens/s"), ("vs_ref", "speed vs ref"),
+COLUMNS = [("variant", "variant"), ("base", "base"), ("precision", "compute"), ("ckpt", "grad ckpt"),
+           ("ratio", "trainable"), ("file", "file"), ("sps", "samples/s"), ("tps", "tokens/s"),
+           ("vs_tuned", "speed vs tuned ref"), ("vs_ref", "speed vs ref"),
            ("peak", "peak RSS MB"), ("added", "added MB"), ("mem_vs", "mem vs lora"), ("mfu", "MFU"),
            ("score", "metric"), ("loss", "final loss")]
 
 
 def _cells(rows: list[dict]) -> list[dict]:
     ref = next((r for r in rows if r["method"] == "reference"), None)
+    tuned = next((r for r in rows if r["method"] == "reference-tuned"), None)
     lora = next((r for r in rows if r["variant"] == "lora"), None)
     cells = []
     for r in rows:
         cells.append({
-            "variant": r["variant"], "base": r["quantize"] or "fp32", "ckpt": "yes" if r["gradient_checkpointing"] else "no",
+            "variant": r["variant"], "base": r["quantize"] or "fp32", "precision": r.get("precision", "fp32"),
+            "ckpt": "yes" if r["gradient_checkpointing"] else "no",
             "ratio": f"{100 * r['ratio']:.3f}%", "file": human_size(r["file_bytes"]),
             "sps": f"{r['samples_per_s']:.2f}", "tps": f"{r['tokens_per_s']:,.0f}",
             "vs_ref": f"{r['samples_per_s'] / ref['samples_per_s']:.2f}x" if ref else "",
+            "vs_tuned": f"{r['samples_per_s'] / tuned['samples_per_s']:.2f}x" if tuned else "",
             "peak": f"{r['peak_mb']:,.0f}", "added": f"{r['peak_mb'] - r['baseline_mb']:,.0f}",
             "mem_vs": f"{(r['peak_mb'] - r['baseline_mb']) / (lora['peak_mb'] - lora['baseline_mb']):.2f}x"
             if lora else "",
@@ -421,13 +453,14 @@ def markdown(meta: dict, rows: list[dict], stem: str) -> str:
            f"Recipe `{meta['recipe']}` with shared overrides {shared}; every variant: batch {r0['batch_size']}, "
            f"max_length {r0['max_length']}, {r0['steps']} steps, seed as in the recipe; test metric on "
            f"{r0['test_examples']} test examples.", "",
-           f"Peak matmul ({'bf16' if meta['device'] == 'cuda' else 'fp32'}): "
-           f"**{meta['peak_matmul_flops'] / 1e9:,.1f} GFLOP/s** (best of "
-           f"{', '.join(f'{p / 1e9:,.1f}' for p in meta['peak_readings'])}, measured before"
-           f"{' and after' if len(meta['peak_readings']) > 1 else ''} the variants).",
+           "Peak matmul: " + ", ".join(
+               f"{dtype} **{peak / 1e9:,.1f} GFLOP/s** (readings "
+               f"{', '.join(f'{reading[dtype] / 1e9:,.1f}' for reading in meta['peak_readings'])})"
+               for dtype, peak in meta["peak_matmul_flops"].items())
+           + f", the best of readings before{' and after' if len(meta['peak_readings']) > 1 else ''} the variants.",
            "",
            "| " + " | ".join(_titles(rows).values()) + " |",
-           "|" + "|".join(" --- " if k in ("variant", "base", "ckpt", "score") else " ---: " for k, _ in COLUMNS) + "|"]
+           "|" + "|".join(" --- " if k in ("variant", "base", "precision", "ckpt", "score") else " ---: " for k, _ in COLUMNS) + "|"]
     out += ["| " + " | ".join(c[k] for k, _ in COLUMNS) + " |" for c in cells]
     if meta.get("failed"):
         out += ["", "**Failed** (no row): " + ", ".join(f"{f['variant']} (log `{f['log']}`)" for f in meta["failed"])]
@@ -440,8 +473,10 @@ def markdown(meta: dict, rows: list[dict], stem: str) -> str:
     out += ["", "Columns: *trainable* = trainable / total parameters; *file* = the saved weights file (adapter and "
             "trained heads; the whole model for full); samples/s and tokens/s (non-padding tokens) over all steps "
             f"but the first {SPEED_WARMUP_STEPS}; *speed vs ref* = samples/s over the reference script's; {memory}; "
-            "*mem vs lora* = added memory over fp32 LoRA's; *MFU* = model "
-            "FLOPs per second / peak matmul FLOP/s, with model FLOPs = (2 forward + 2 backward + 2 per trainable "
+            "*mem vs lora* = added memory over fp32 LoRA's; *compute* = what the matmuls run in (bf16: "
+            "autocast); *speed vs tuned ref* = samples/s over `reference-tuned`'s (the same script with length "
+            "grouping, padding to 8, bf16 where native and fused AdamW); *MFU* = model "
+            "FLOPs per second / the peak matmul FLOP/s of the variant's compute dtype, with model FLOPs = (2 forward + 2 backward + 2 per trainable "
             "weight) x the linear layers' weights x the tokens they see (attention score FLOPs not counted); "
             "*final loss* = mean training loss over the last 10% of steps.", "",
             f"![loss curves]({stem}-loss.png)", "", f"![trainable ratio vs metric]({stem}-ratio.png)", ""]
@@ -520,11 +555,27 @@ def add_parser(kinds) -> None:
     p.add_argument("overrides", nargs="*", help="dotted recipe overrides for every variant, e.g. train.max_steps=4")
     p.add_argument("--only", help="comma-separated variant names to run")
     p.add_argument("--out", default=str(RESULTS_DIR), help="folder for the results (default benchmarks/results)")
+    p.add_argument("--seeds", help="train every variant at each of these seeds (e.g. 1-8) and pair them "
+                                   "seed by seed: metric difference with its interval, speed and memory ratios")
+    p.add_argument("--against", help="with --seeds: the variant the others are paired with "
+                                     "(default reference-tuned)")
 
 
 def run_command(args) -> int:
+    from .bench_seeds import parse_seeds, run_seeds
+
     bench = load_bench(_repo_path(args.bench))
-    run(bench, args.overrides, args.only.split(",") if args.only else None, Path(args.out))
+    only = args.only.split(",") if args.only else None
+    if args.seeds:
+        seeds = parse_seeds(args.seeds)
+        if any(item.startswith("train.seed=") for item in args.overrides):
+            raise PeftkitError("--seeds sets train.seed for every run; drop the train.seed override")
+        run_seeds(bench, seeds, args.overrides, selected(bench, only, args.overrides), Path(args.out),
+                  Path("runs") / "bench", args.against)
+    elif args.against:
+        raise PeftkitError("--against pairs seeds: use it with --seeds")
+    else:
+        run(bench, args.overrides, only, Path(args.out))
     return 0
 
 

@@ -21,10 +21,10 @@ HEADS = ["classifier", "score", "qa_outputs", "lm_head"]
 
 
 def load_model(name_or_path: str, task: str = "causal-lm", quantize: str | None = None,
-               dtype: torch.dtype | None = None, **config_overrides):
+               dtype: torch.dtype | None = None, matmul_dtype: torch.dtype | None = None, **config_overrides):
     """A transformers model for `task` (causal-lm, classification, qa, base, or a
     transformers class name); `quantize` in nf4/fp4/4bit/8bit loads the linear
-    layers through bitsandbytes. Extra keywords (num_labels, id2label, ...) go to
+    layers through bitsandbytes, computing in `matmul_dtype` (default: see compute_dtype). Extra keywords (num_labels, id2label, ...) go to
     the model config."""
     model_cls = _model_class(task)
     if quantize is not None and quantize not in QUANTIZE:
@@ -32,7 +32,7 @@ def load_model(name_or_path: str, task: str = "causal-lm", quantize: str | None 
     dtype = dtype or torch.float32
     kwargs = {"dtype": dtype, **config_overrides}
     if quantize:
-        kwargs["quantization_config"] = bnb_config(quantize, compute_dtype(dtype))
+        kwargs["quantization_config"] = bnb_config(quantize, matmul_dtype or compute_dtype(dtype))
         kwargs["device_map"] = {"": 0} if torch.cuda.is_available() else {"": "cpu"}
     model = model_cls.from_pretrained(resolve_model(name_or_path), **kwargs)
     model.config.peftkit_base_name = model_name(name_or_path)

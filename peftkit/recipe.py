@@ -12,6 +12,7 @@ from pathlib import Path
 import yaml
 
 from .errors import PeftkitError
+from .precision import PRECISIONS
 from .presets import read_yaml
 
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
@@ -51,6 +52,8 @@ class Train:
     seed: int = 42
     gradient_checkpointing: bool | None = None  # None: on for 4/8-bit bases
     group_by_length: bool = True  # batches of similar length, in random order (batching.py): less padding
+    fast_dropout: bool = True  # dropout with a cheaper random mask on the CPU (dropout.py); same distribution
+    precision: str = "auto"  # auto | fp32 | bf16: auto is bf16 where the hardware has it natively (precision.py)
     logging_steps: int = 10
     save_steps: int = 200
 
@@ -77,6 +80,8 @@ class Recipe:
         for key in ("batch_size", "grad_accum", "max_length", "eval_batch_size", "logging_steps", "save_steps"):
             if getattr(self.train, key) <= 0:
                 raise PeftkitError(f"train.{key} must be positive, got {getattr(self.train, key)}")
+        if self.train.precision not in PRECISIONS:
+            raise PeftkitError(f"train.precision must be one of {', '.join(PRECISIONS)}, got {self.train.precision!r}")
         if self.train.lr <= 0:
             raise PeftkitError(f"train.lr must be positive, got {self.train.lr}")
 

@@ -7,6 +7,7 @@ from .datasource import load_splits
 from .errors import PeftkitError
 from .loading import load_model, load_tokenizer
 from .merge import merge
+from .precision import compute, resolve_precision
 from .recipe import Recipe, build
 from .presets import read_yaml, resolve_spec
 from .saving import load_adapter, read_adapter_config
@@ -26,10 +27,16 @@ class Run:
 
     def evaluate(self, split: str = "test") -> dict:
         splits = load_splits(self.recipe.data, self.recipe.train.seed)
-        return self.task.evaluate(self.model, self.tokenizer, splits[split], self.recipe)
+        with self._computing():
+            return self.task.evaluate(self.model, self.tokenizer, splits[split], self.recipe)
 
     def predict(self, rows: list[dict]) -> list[dict]:
-        return self.task.predict(self.model, self.tokenizer, rows, self.recipe)
+        with self._computing():
+            return self.task.predict(self.model, self.tokenizer, rows, self.recipe)
+
+    def _computing(self):
+        """As the run computed in training and in its own test (bf16 autocast where that was native)."""
+        return compute(resolve_precision(self.recipe.train.precision))
 
     def merge(self, out: Path) -> None:
         merged = merge(self.model)

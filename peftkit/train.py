@@ -4,6 +4,7 @@ The loop is transformers' Trainer (so accelerate, multi-GPU and resuming come
 with it); peftkit adds only what it lacks: checkpoints that hold the adapter
 rather than the base, and a run folder that appears only when complete.
 """
+import contextlib
 import json
 import os
 import shutil
@@ -20,9 +21,11 @@ from transformers.trainer_utils import get_last_checkpoint
 from .attach import attach
 from .batching import LengthBucketSampler
 from .datasource import load_splits
+from .dropout import swap_in_fast_dropout
 from .errors import PeftkitError
 from .loading import check_config_overrides, load_model, load_tokenizer
 from .meter import peak_memory_mb
+from .precision import attention_kernels, compute, describe, resolve_precision, store_frozen_in_bf16
 from .presets import describe_spec, resolve_spec
 from .recipe import Recipe
 from .report import param_report
@@ -34,7 +37,7 @@ class AdapterTrainer(Trainer):
     """Checkpoints hold the adapter and trained heads (plus optimizer state), never the base.
     A task may bring its own loss (generation computes logits for the answer tokens only)."""
 
-    def __init__(self, model=None, *args, task_loss=None, **kwargs):
+    def __init__(self, model=None, *args, task_loss=None, kernels=contextlib.nullcontext, **kwargs):
         # transformers refuses to train a quantized model unless peft (or its own adapter mixin)
         # attached the adapters; peftkit's bottleneck and prefix adapters are neither, so the
         # check sees trainable parameters on a quantized base as "no adapters". Vouch for them
@@ -50,6 +53,11 @@ class AdapterTrainer(Trainer):
             if vouch:
                 model._hf_peft_config_loaded = False
         self.task_loss = task_loss
+        self.kernels = kernels  # the attention kernels a step's forward and backward run with
+
+    def training_step(self, *args, **kwargs):
+        with self.kernels():
+            return super().training_step(*args, **kwargs)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if self.task_loss is None or return_outputs:
@@ -87,10 +95,12 @@ class Setup:
     prepared: dict
     model: object
     quantize: str | None
+    precision: str  # fp32 or bf16, resolved for this machine
 
 
 def set_up(recipe: Recipe) -> Setup:
     task = task_module(recipe.task)
+    precision = resolve_precision(recipe.train.precision)
     _, _, preset_quantize = resolve_spec(recipe.method)
     quantize = recipe.quantize or preset_quantize
     check_config_overrides(recipe.model, recipe.model_config)
@@ -103,15 +113,22 @@ def set_up(recipe: Recipe) -> Setup:
         raise PeftkitError(f"model_config.{taken[0]} is set by the {recipe.task} task from the data and "
                            f"tokenizer ({', '.join(prepared['model_kwargs'])}); remove it from model_config")
     model = load_model(recipe.model, task=task.MODEL_TASK, quantize=quantize,
+                       matmul_dtype=torch.bfloat16 if precision == "bf16" else None,
                        **prepared["model_kwargs"], **recipe.model_config)
-    return Setup(task, tokenizer, splits, prepared, model, quantize)
+    return Setup(task, tokenizer, splits, prepared, model, quantize, precision)
 
 
 def make_trainer(recipe: Recipe, setup: Setup, model, work: Path, save: bool = True,
                  callbacks=()) -> AdapterTrainer:
-    return AdapterTrainer(model=model, args=_arguments(recipe, work, save),
+    """The Trainer for `model` (adapters attached), after the machine's fast path is set up on it:
+    the frozen base stored in bf16 when training in bf16, and the cheap CPU dropout."""
+    store_frozen_in_bf16(model, setup.precision)
+    if recipe.train.fast_dropout:
+        swap_in_fast_dropout(model)
+    return AdapterTrainer(model=model, args=_arguments(recipe, work, setup.precision, save),
                           data_collator=setup.prepared["collator"], train_dataset=setup.prepared["train"],
-                          task_loss=setup.prepared.get("loss"), callbacks=list(callbacks))
+                          task_loss=setup.prepared.get("loss"), callbacks=list(callbacks),
+                          kernels=lambda: attention_kernels(setup.precision, recipe.train.max_length))
 
 
 def train(recipe: Recipe, resume: bool = False) -> Path:
@@ -120,8 +137,10 @@ def train(recipe: Recipe, resume: bool = False) -> Path:
     checkpoint = _checkpoint_to_resume(work, resume)
 
     setup = set_up(recipe)
-    task, tokenizer, splits, quantize = setup.task, setup.tokenizer, setup.splits, setup.quantize
-    before = task.evaluate(setup.model, tokenizer, splits["test"], recipe, desc="base model")
+    task, tokenizer, splits, quantize, precision = setup.task, setup.tokenizer, setup.splits, setup.quantize, \
+        setup.precision
+    with compute(precision):  # evaluation computes as training does
+        before = task.evaluate(setup.model, tokenizer, splits["test"], recipe, desc="base model")
     baseline = task.baseline_scores(splits["test"], recipe) if hasattr(task, "baseline_scores") else None
     model = attach(setup.model, recipe.method, gradient_checkpointing=recipe.train.gradient_checkpointing)
     report = param_report(model)
@@ -130,10 +149,13 @@ def train(recipe: Recipe, resume: bool = False) -> Path:
     start = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=checkpoint)
     train_seconds = time.perf_counter() - start
-    after = task.evaluate(model, tokenizer, splits["test"], recipe, desc="adapted")
+    with compute(precision):
+        after = task.evaluate(model, tokenizer, splits["test"], recipe, desc="adapted")
 
     metrics = {
         "task": recipe.task, "model": recipe.model, "method": recipe.method, "quantize": quantize,
+        "precision": precision, "precision_detail": describe(precision, quantize),
+        "fast_dropout": recipe.train.fast_dropout,
         "test_examples": len(splits["test"]), "base": before, "adapted": after,
         **({"baseline": baseline} if baseline else {}),
         "train_seconds": round(train_seconds, 1),
@@ -152,6 +174,8 @@ def summary(run_dir: Path, metrics: dict) -> str:
     rows = [f"run          {run_dir}",
             f"model        {metrics['model']}  method {describe_spec(metrics['method'])}  "
             f"quantize {metrics['quantize']}",
+            f"precision    {metrics['precision_detail']}"
+            + ("; fast CPU dropout" if metrics["fast_dropout"] and not torch.cuda.is_available() else ""),
             f"trainable    {metrics['trainable_params']:,} of {metrics['total_params']:,} "
             f"({metrics['trainable_ratio']:.3%})",
             f"train        {metrics['train_seconds']} s, {metrics['train_samples_per_second']} samples/s, "
@@ -173,7 +197,7 @@ def _checkpoint_to_resume(work: Path, resume: bool) -> str | None:
     return last
 
 
-def _arguments(recipe: Recipe, work: Path, save: bool = True) -> TrainingArguments:
+def _arguments(recipe: Recipe, work: Path, precision: str, save: bool = True) -> TrainingArguments:
     t = recipe.train
     gpu = torch.cuda.is_available()
     return TrainingArguments(
@@ -193,7 +217,7 @@ def _arguments(recipe: Recipe, work: Path, save: bool = True) -> TrainingArgumen
         seed=t.seed,
         data_seed=t.seed,
         train_sampling_strategy="group_by_length" if t.group_by_length else "random",
-        bf16=gpu and torch.cuda.is_bf16_supported(),  # autocast; adapters and heads keep fp32 weights
+        bf16=precision == "bf16",  # autocast; adapters and heads keep fp32 weights
         use_cpu=not gpu,
         report_to=[],
         dataloader_num_workers=0,

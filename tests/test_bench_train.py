@@ -62,7 +62,7 @@ def test_bench_file_errors_name_the_problem(tmp_path):
 
 def test_bad_variant_name_or_override_fails_before_anything_trains(tmp_path):
     bench = load_bench(SHIPPED[-1])
-    with pytest.raises(PeftkitError, match="--only: no variant 'lorra'.*variants: lora, houlsby"):
+    with pytest.raises(PeftkitError, match="--only: no variant 'lorra'.*variants: lora, lora-attn-dropout, houlsby"):
         run(bench, only=["lorra"], out_dir=tmp_path, log_dir=tmp_path)
     with pytest.raises(PeftkitError, match="unknown key train.stepz"):
         run(bench, extra=["train.stepz=3"], out_dir=tmp_path, log_dir=tmp_path)
