@@ -1,10 +1,10 @@
-"""Dropout whose mask costs a quarter of PyTorch's on a CPU.
+"""Dropout at half the cost of PyTorch's on a CPU: a quarter of the random draws.
 
     swap_in_fast_dropout(model)   # every nn.Dropout of the model, for CPU training
 
 PyTorch's CPU dropout draws one Bernoulli sample per element from its Mersenne
-Twister: about 9 ns an element on two cores, so the 14 hidden-state dropouts of a
-MiniLM LoRA step took a third of the step once bf16 made the matmuls fast. No
+Twister, which made the dropouts a large share of a MiniLM LoRA step once bf16
+made the matmuls fast (benchmarks/results/cpu-kernels-cpu.md times both). No
 library offers a cheaper CPU dropout, hence this one: it draws 64 random bits at a
 time from the same seeded generator and cuts them into four 16-bit uniforms, and
 keeps an element when its uniform is at or above round(p * 65536) / 65536, within

@@ -10,9 +10,8 @@ every frozen fp32 weight is cast to bf16 again at each forward and the copies ar
 for backward; peftkit stores the frozen base in bf16 once, as peft users do when they
 load a base with dtype=torch.bfloat16, which also halves its memory.
 
-On a 2-core AMD EPYC (Zen 5, AVX512-BF16) a 2048x2048 matmul ran at 736 GFLOP/s in bf16
-against 165 in fp32; the sentiment recipe's LoRA step went from 67 to 127 samples/s with
-autocast alone (the rest of the step is not matmuls).
+On the project's 2-core AMD EPYC (Zen 5, AVX512-BF16) a bf16 matmul runs about 4x as fast
+as fp32 (benchmarks/results/cpu-kernels-cpu.md).
 """
 import contextlib
 from pathlib import Path
@@ -52,13 +51,14 @@ def cpu_bf16_flags() -> list[str]:
     return [flag for flag in CPU_BF16_FLAGS if flag in flags]
 
 
-def describe(precision: str, quantize: str | None = None) -> str:
+def describe(precision: str, quantize: str | None = None, max_length: int = 0) -> str:
     """One line for the run summary: what was chosen and why."""
     if precision == "fp32":
         return "fp32" + ("" if native_bf16() else " (no native bf16 on this machine)")
     where = "GPU" if torch.cuda.is_available() else "CPU: " + ", ".join(cpu_bf16_flags() or ["no native bf16, emulated"])
     base = f"{quantize} layers computing in bf16" if quantize else "frozen base stored in bf16"
-    return f"bf16 autocast, {base} ({where})"
+    attention = f", math-path attention (<= {SHORT_SEQUENCE} tokens)" if math_attention(precision, max_length) else ""
+    return f"bf16 autocast, {base}{attention} ({where})"
 
 
 def compute(precision: str):
@@ -88,11 +88,13 @@ def attention_kernels(precision: str, max_length: int):
     """The attention kernels training runs with: PyTorch's choice, except on a CPU in bf16 with
     sequences of at most SHORT_SEQUENCE tokens, where the math path runs.
 
-    Measured on this project's 2-core CPU (fwd + bwd, 12 heads): at 48 tokens the fused
-    flash kernel took 34.8 ms in bf16 against 12.2 ms for the math path; at 192 tokens 26 vs
-    28 ms, at 384 tokens 163 vs 454 ms. PyTorch picks the fused kernel whenever there is no
-    attention dropout, so short bf16 sequences need the choice made for them.
+    On the project's 2-core CPU, forward and backward in bf16 took the fused kernel 4x the
+    math path's time at 48 tokens, three quarters of it at 192, and under half at 384
+    (benchmarks/results/cpu-kernels-cpu.md). PyTorch picks the fused kernel whenever there
+    is no attention dropout, so short bf16 sequences need the choice made for them.
     """
-    if precision != "bf16" or torch.cuda.is_available() or max_length > SHORT_SEQUENCE:
-        return contextlib.nullcontext()
-    return sdpa_kernel([SDPBackend.MATH])
+    return sdpa_kernel([SDPBackend.MATH]) if math_attention(precision, max_length) else contextlib.nullcontext()
+
+
+def math_attention(precision: str, max_length: int) -> bool:
+    return precision == "bf16" and not torch.cuda.is_available() and max_length <= SHORT_SEQUENCE

@@ -154,7 +154,7 @@ def train(recipe: Recipe, resume: bool = False) -> Path:
 
     metrics = {
         "task": recipe.task, "model": recipe.model, "method": recipe.method, "quantize": quantize,
-        "precision": precision, "precision_detail": describe(precision, quantize),
+        "precision": precision, "precision_detail": describe(precision, quantize, recipe.train.max_length),
         "fast_dropout": recipe.train.fast_dropout,
         "test_examples": len(splits["test"]), "base": before, "adapted": after,
         **({"baseline": baseline} if baseline else {}),

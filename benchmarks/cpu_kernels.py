@@ -1,0 +1,98 @@
+"""The CPU kernel timings behind peftkit's fast-path choices, on this machine.
+
+    python benchmarks/cpu_kernels.py        # writes benchmarks/results/cpu-kernels-cpu.{md,json}
+
+* matmul peak: a 2048x2048 matmul in fp32 and bf16 (what `auto` precision weighs);
+* attention: PyTorch's fused (flash) kernel against its math path, forward and
+  backward, at 48, 192 and 384 tokens in fp32 and bf16 (peftkit.precision.SHORT_SEQUENCE);
+* dropout: PyTorch's CPU dropout against peftkit's FastDropout on one hidden-state
+  tensor of the sentiment recipe (32 x 48 x 384), forward and backward.
+Each figure is the best of several timed repetitions.
+"""
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from peftkit.bench_train import _machine, peak_matmul_flops  # noqa: E402
+from peftkit.dropout import FastDropout  # noqa: E402
+from peftkit.saving import atomic_write  # noqa: E402
+
+# (tokens, batch, heads, head size): MiniLM's short reviews and QA windows, SmolLM2's headline rows
+ATTENTION = [(48, 32, 12, 32), (192, 8, 9, 64), (384, 16, 12, 32)]
+
+
+def best_ms(fn, repeats: int = 7) -> float:
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return 1e3 * min(times)
+
+
+def attention_ms(tokens, batch, heads, size, dtype, backend) -> float:
+    q, k, v = (torch.randn(batch, heads, tokens, size, dtype=dtype, requires_grad=True) for _ in range(3))
+    mask = torch.zeros(batch, 1, tokens, tokens, dtype=dtype)  # a padding mask, as the models pass one
+
+    def step():
+        with sdpa_kernel(backend):
+            F.scaled_dot_product_attention(q, k, v, attn_mask=mask).sum().backward()
+    return best_ms(step)
+
+
+def dropout_ms(layer, dtype) -> float:
+    x = torch.randn(32, 48, 384, dtype=dtype, requires_grad=True)
+    return best_ms(lambda: layer(x).float().sum().backward(), repeats=15)
+
+
+def main() -> int:
+    results = {"machine": _machine("cpu"), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+               "matmul_gflops": {}, "attention_ms": [], "dropout_ms": {}}
+    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        results["matmul_gflops"][name] = round(peak_matmul_flops("cpu", dtype) / 1e9, 1)
+    for tokens, batch, heads, size in ATTENTION:
+        for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+            results["attention_ms"].append({
+                "tokens": tokens, "batch": batch, "heads": heads, "head_size": size, "dtype": name,
+                "flash": round(attention_ms(tokens, batch, heads, size, dtype, SDPBackend.FLASH_ATTENTION), 2),
+                "math": round(attention_ms(tokens, batch, heads, size, dtype, SDPBackend.MATH), 2)})
+    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        results["dropout_ms"][name] = {"torch": round(dropout_ms(torch.nn.Dropout(0.1).train(), dtype), 2),
+                                       "peftkit": round(dropout_ms(FastDropout(0.1).train(), dtype), 2)}
+    out = ROOT / "benchmarks" / "results" / "cpu-kernels-cpu"
+    atomic_write(out.with_suffix(".json"), json.dumps(results, indent=1) + "\n")
+    atomic_write(out.with_suffix(".md"), markdown(results))
+    print(markdown(results))
+    return 0
+
+
+def markdown(r: dict) -> str:
+    m = r["machine"]
+    lines = ["# CPU kernels behind the fast path", "",
+             f"Machine: **{m['machine']}**, torch {m['torch']}, {m['threads']} threads; {r['date']}.", "",
+             "Regenerate: `python benchmarks/cpu_kernels.py` (best of several repetitions each).", "",
+             f"Matmul 2048x2048: fp32 **{r['matmul_gflops']['fp32']} GFLOP/s**, "
+             f"bf16 **{r['matmul_gflops']['bf16']} GFLOP/s**.", "",
+             "Attention forward + backward (ms), PyTorch's fused kernel against its math path:", "",
+             "| tokens | batch x heads x head size | dtype | fused | math |", "| ---: | --- | --- | ---: | ---: |"]
+    for a in r["attention_ms"]:
+        lines.append(f"| {a['tokens']} | {a['batch']} x {a['heads']} x {a['head_size']} | {a['dtype']} | "
+                     f"{a['flash']} | {a['math']} |")
+    lines += ["", "Dropout p=0.1 on 32 x 48 x 384, forward + backward (ms):", "",
+              "| dtype | torch.nn.Dropout | peftkit FastDropout |", "| --- | ---: | ---: |"]
+    for name, d in r["dropout_ms"].items():
+        lines.append(f"| {name} | {d['torch']} | {d['peftkit']} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
