@@ -2,7 +2,7 @@
 
     python benchmarks/scaling.py [--lengths 64,128,256,512] [--batches 8,16,32,64] [--out DIR]
 
-Two sweeps through benchmarks/train-scaling.yaml: the length at batch 16, the batch at
+Two sweeps through benchmarks/scaling.yaml: the length at batch 16, the batch at
 128 tokens. Each point trains both variants for a few steps, each in its own process (as
 `peftkit bench train`), with every batch cut to the full length so that the length is what
 is measured. Writes scaling-DEVICE.md and .json.
@@ -33,7 +33,7 @@ def main(argv=None) -> int:
     p.add_argument("--batches", default="8,16,32,64")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     args = p.parse_args(argv)
-    bench = load_bench(ROOT / "benchmarks" / "train-scaling.yaml")
+    bench = load_bench(ROOT / "benchmarks" / "scaling.yaml")
     device = "cuda" if _cuda() else "cpu"
     grid = points([int(x) for x in args.lengths.split(",")], [int(x) for x in args.batches.split(",")])
     variants = selected(bench, VARIANTS, [])
