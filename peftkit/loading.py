@@ -24,8 +24,8 @@ def load_model(name_or_path: str, task: str = "causal-lm", quantize: str | None 
                dtype: torch.dtype | None = None, matmul_dtype: torch.dtype | None = None, **config_overrides):
     """A transformers model for `task` (causal-lm, classification, qa, base, or a
     transformers class name); `quantize` in nf4/fp4/4bit/8bit loads the linear
-    layers through bitsandbytes, computing in `matmul_dtype` (default: see compute_dtype). Extra keywords (num_labels, id2label, ...) go to
-    the model config."""
+    layers through bitsandbytes, computing in `matmul_dtype` (default: see
+    compute_dtype). Extra keywords (num_labels, id2label, ...) go to the model config."""
     model_cls = _model_class(task)
     if quantize is not None and quantize not in QUANTIZE:
         raise PeftkitError(f"quantize must be one of {', '.join(QUANTIZE)} or None, got {quantize!r}")

@@ -14,6 +14,7 @@ On the project's 2-core AMD EPYC (Zen 5, AVX512-BF16) a bf16 matmul runs about 4
 as fp32 (benchmarks/results/cpu-kernels-cpu.md).
 """
 import contextlib
+import functools
 from pathlib import Path
 
 import torch
@@ -26,10 +27,14 @@ CPU_BF16_FLAGS = ("avx512_bf16", "amx_bf16")  # x86 instructions that compute bf
 SHORT_SEQUENCE = 128  # up to this many tokens, bf16 attention on a CPU runs faster on the math path
 
 
-def resolve_precision(requested: str) -> str:
-    """"fp32" or "bf16" for this machine; `auto` takes bf16 only where it is native (fast)."""
+def check_precision(requested: str) -> None:
     if requested not in PRECISIONS:
         raise PeftkitError(f"train.precision must be one of {', '.join(PRECISIONS)}, got {requested!r}")
+
+
+def resolve_precision(requested: str) -> str:
+    """"fp32" or "bf16" for this machine; `auto` takes bf16 only where it is native (fast)."""
+    check_precision(requested)
     if requested == "auto":
         return "bf16" if native_bf16() else "fp32"
     return requested
@@ -41,6 +46,7 @@ def native_bf16() -> bool:
     return bool(cpu_bf16_flags())
 
 
+@functools.cache  # the CPU does not change under a running process; read /proc/cpuinfo once
 def cpu_bf16_flags() -> list[str]:
     """The bf16 instructions this CPU lists (Linux /proc/cpuinfo); empty elsewhere."""
     info = Path("/proc/cpuinfo")

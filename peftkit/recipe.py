@@ -12,7 +12,7 @@ from pathlib import Path
 import yaml
 
 from .errors import PeftkitError
-from .precision import PRECISIONS
+from .precision import check_precision
 from .presets import read_yaml
 
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
@@ -80,8 +80,7 @@ class Recipe:
         for key in ("batch_size", "grad_accum", "max_length", "eval_batch_size", "logging_steps", "save_steps"):
             if getattr(self.train, key) <= 0:
                 raise PeftkitError(f"train.{key} must be positive, got {getattr(self.train, key)}")
-        if self.train.precision not in PRECISIONS:
-            raise PeftkitError(f"train.precision must be one of {', '.join(PRECISIONS)}, got {self.train.precision!r}")
+        check_precision(self.train.precision)
         if self.train.lr <= 0:
             raise PeftkitError(f"train.lr must be positive, got {self.train.lr}")
 

@@ -113,7 +113,7 @@ def set_up(recipe: Recipe) -> Setup:
         raise PeftkitError(f"model_config.{taken[0]} is set by the {recipe.task} task from the data and "
                            f"tokenizer ({', '.join(prepared['model_kwargs'])}); remove it from model_config")
     model = load_model(recipe.model, task=task.MODEL_TASK, quantize=quantize,
-                       matmul_dtype=torch.bfloat16 if precision == "bf16" else None,
+                       matmul_dtype=torch.bfloat16 if precision == "bf16" else torch.float32,
                        **prepared["model_kwargs"], **recipe.model_config)
     return Setup(task, tokenizer, splits, prepared, model, quantize, precision)
 

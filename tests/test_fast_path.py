@@ -38,9 +38,14 @@ def test_cpu_flags_are_read_from_cpuinfo(monkeypatch, tmp_path):
     info = tmp_path / "cpuinfo"
     info.write_text("processor : 0\nflags : fpu sse avx512f avx512_bf16 avx2\n")
     monkeypatch.setattr(precision, "Path", lambda _: info)
-    assert precision.cpu_bf16_flags() == ["avx512_bf16"]
-    info.write_text("processor : 0\nflags : fpu sse avx2\n")
-    assert precision.cpu_bf16_flags() == []
+    precision.cpu_bf16_flags.cache_clear()  # it reads the file once per process
+    try:
+        assert precision.cpu_bf16_flags() == ["avx512_bf16"]
+        info.write_text("processor : 0\nflags : fpu sse avx2\n")
+        precision.cpu_bf16_flags.cache_clear()
+        assert precision.cpu_bf16_flags() == []
+    finally:
+        precision.cpu_bf16_flags.cache_clear()  # later tests read the real CPU
 
 
 def test_bad_precision_is_refused_before_any_work():
