@@ -3,8 +3,9 @@
     python benchmarks/cpu_kernels.py        # writes benchmarks/results/cpu-kernels-cpu.{md,json}
 
 * matmul peak: a 2048x2048 matmul in fp32 and bf16 (what `auto` precision weighs);
-* attention: PyTorch's fused (flash) kernel against its math path, forward and
-  backward, at 48, 192 and 384 tokens in fp32 and bf16 (peftkit.precision.SHORT_SEQUENCE);
+* attention: PyTorch's fused (flash) kernel, its math path, and plain matmuls as transformers'
+  "eager" attention computes them, forward and backward, at the recipes' shapes in fp32 and
+  bf16 (where plain matmuls win sets peftkit.precision.SMALL_ATTENTION);
 * dropout: PyTorch's CPU dropout against peftkit's FastDropout on one hidden-state
   tensor of the sentiment recipe (32 x 48 x 384), forward and backward.
 Each figure is the best of several timed repetitions.
@@ -23,10 +24,12 @@ sys.path.insert(0, str(ROOT))
 
 from peftkit.bench_train import _machine, peak_matmul_flops  # noqa: E402
 from peftkit.dropout import FastDropout  # noqa: E402
+from peftkit.precision import SMALL_ATTENTION  # noqa: E402
 from peftkit.saving import atomic_write  # noqa: E402
 
-# (tokens, batch, heads, head size): MiniLM's short reviews and QA windows, SmolLM2's headline rows
-ATTENTION = [(48, 32, 12, 32), (192, 8, 9, 64), (384, 16, 12, 32)]
+# (tokens, batch, heads, head size): MiniLM's reviews (48 typical, 64 max), topic ledes and 192-token
+# rows, its QA windows; SmolLM2's headline rows
+ATTENTION = [(48, 32, 12, 32), (128, 32, 12, 32), (192, 32, 12, 32), (384, 16, 12, 32), (192, 8, 9, 64)]
 
 
 def best_ms(fn, repeats: int = 7) -> float:
@@ -40,10 +43,15 @@ def best_ms(fn, repeats: int = 7) -> float:
 
 
 def attention_ms(tokens, batch, heads, size, dtype, backend) -> float:
+    """`backend` is an SDPA backend, or None for plain matmuls."""
     q, k, v = (torch.randn(batch, heads, tokens, size, dtype=dtype, requires_grad=True) for _ in range(3))
     mask = torch.zeros(batch, 1, tokens, tokens, dtype=dtype)  # a padding mask, as the models pass one
 
     def step():
+        if backend is None:
+            scores = torch.matmul(q, k.transpose(2, 3)) * size ** -0.5 + mask
+            torch.matmul(torch.softmax(scores, dim=-1), v).sum().backward()
+            return
         with sdpa_kernel(backend):
             F.scaled_dot_product_attention(q, k, v, attn_mask=mask).sum().backward()
     return best_ms(step)
@@ -64,7 +72,8 @@ def main() -> int:
             results["attention_ms"].append({
                 "tokens": tokens, "batch": batch, "heads": heads, "head_size": size, "dtype": name,
                 "flash": round(attention_ms(tokens, batch, heads, size, dtype, SDPBackend.FLASH_ATTENTION), 2),
-                "math": round(attention_ms(tokens, batch, heads, size, dtype, SDPBackend.MATH), 2)})
+                "math": round(attention_ms(tokens, batch, heads, size, dtype, SDPBackend.MATH), 2),
+                "plain": round(attention_ms(tokens, batch, heads, size, dtype, None), 2)})
     for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
         results["dropout_ms"][name] = {"torch": round(dropout_ms(torch.nn.Dropout(0.1).train(), dtype), 2),
                                        "peftkit": round(dropout_ms(FastDropout(0.1).train(), dtype), 2)}
@@ -82,11 +91,15 @@ def markdown(r: dict) -> str:
              "Regenerate: `python benchmarks/cpu_kernels.py` (best of several repetitions each).", "",
              f"Matmul 2048x2048: fp32 **{r['matmul_gflops']['fp32']} GFLOP/s**, "
              f"bf16 **{r['matmul_gflops']['bf16']} GFLOP/s**.", "",
-             "Attention forward + backward (ms), PyTorch's fused kernel against its math path:", "",
-             "| tokens | batch x heads x head size | dtype | fused | math |", "| ---: | --- | --- | ---: | ---: |"]
+             "Attention forward + backward (ms): PyTorch's fused kernel, its math path, and plain matmuls "
+             "(transformers' eager attention). peftkit runs plain matmuls in bf16 on a CPU up to "
+             f"{SMALL_ATTENTION / 2**20:.0f}M scores (batch x heads x tokens^2), the fused kernel above.", "",
+             "| tokens | batch x heads x head size | scores | dtype | fused | math | plain |",
+             "| ---: | --- | ---: | --- | ---: | ---: | ---: |"]
     for a in r["attention_ms"]:
-        lines.append(f"| {a['tokens']} | {a['batch']} x {a['heads']} x {a['head_size']} | {a['dtype']} | "
-                     f"{a['flash']} | {a['math']} |")
+        scores = a["batch"] * a["heads"] * a["tokens"] ** 2
+        lines.append(f"| {a['tokens']} | {a['batch']} x {a['heads']} x {a['head_size']} | {scores / 2**20:.1f}M | "
+                     f"{a['dtype']} | {a['flash']} | {a['math']} | {a['plain']} |")
     lines += ["", "Dropout p=0.1 on 32 x 48 x 384, forward + backward (ms):", "",
               "| dtype | torch.nn.Dropout | peftkit FastDropout |", "| --- | ---: | ---: |"]
     for name, d in r["dropout_ms"].items():

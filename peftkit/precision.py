@@ -18,13 +18,14 @@ import functools
 from pathlib import Path
 
 import torch
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .errors import PeftkitError
 
 PRECISIONS = ("auto", "fp32", "bf16")
 CPU_BF16_FLAGS = ("avx512_bf16", "amx_bf16")  # x86 instructions that compute bf16 dot products natively
-SHORT_SEQUENCE = 128  # up to this many tokens, bf16 attention on a CPU runs faster on the math path
+# Attention score elements per batch (batch x heads x tokens^2) up to which plain matmul attention beats
+# PyTorch's fused kernel on a CPU in bf16 (benchmarks/results/cpu-kernels-cpu.md)
+SMALL_ATTENTION = 2**24
 
 
 def check_precision(requested: str) -> None:
@@ -57,14 +58,13 @@ def cpu_bf16_flags() -> list[str]:
     return [flag for flag in CPU_BF16_FLAGS if flag in flags]
 
 
-def describe(precision: str, quantize: str | None = None, max_length: int = 0) -> str:
+def describe(precision: str, quantize: str | None = None, attention: str = "sdpa") -> str:
     """One line for the run summary: what was chosen and why."""
     if precision == "fp32":
         return "fp32" + ("" if native_bf16() else " (no native bf16 on this machine)")
     where = "GPU" if torch.cuda.is_available() else "CPU: " + ", ".join(cpu_bf16_flags() or ["no native bf16, emulated"])
     base = f"{quantize} layers computing in bf16" if quantize else "frozen base stored in bf16"
-    attention = f", math-path attention (<= {SHORT_SEQUENCE} tokens)" if math_attention(precision, max_length) else ""
-    return f"bf16 autocast, {base}{attention} ({where})"
+    return f"bf16 autocast, {base}, {attention} attention ({where})"
 
 
 def compute(precision: str):
@@ -90,17 +90,20 @@ def store_frozen_in_bf16(model, precision: str) -> int:
     return changed
 
 
-def attention_kernels(precision: str, max_length: int):
-    """The attention kernels training runs with: PyTorch's choice, except on a CPU in bf16 with
-    sequences of at most SHORT_SEQUENCE tokens, where the math path runs.
+def choose_attention(model, precision: str, batch_size: int, max_length: int) -> str:
+    """Switch `model` to plain matmul attention (transformers' "eager") where that is the faster
+    kernel, and return the implementation it runs: on a CPU in bf16, for batches of at most
+    SMALL_ATTENTION score elements.
 
-    On the project's 2-core CPU, forward and backward in bf16 took the fused kernel 4x the
-    math path's time at 48 tokens, three quarters of it at 192, and under half at 384
-    (benchmarks/results/cpu-kernels-cpu.md). PyTorch picks the fused kernel whenever there
-    is no attention dropout, so short bf16 sequences need the choice made for them.
+    On the project's 2-core CPU, forward and backward in bf16 took PyTorch's fused kernel 3 to 6
+    times the plain matmuls' time for MiniLM at 48 to 192 tokens (batch 32; up to 13.5M scores) and
+    3 times for SmolLM2's 192-token rows (batch 8). SDPA's math path is no answer: on a CPU it
+    computes bf16 attention in fp32. At 27M scores (MiniLM's QA windows of 384 tokens, batch 16)
+    the fused kernel is faster, and stays.
     """
-    return sdpa_kernel([SDPBackend.MATH]) if math_attention(precision, max_length) else contextlib.nullcontext()
-
-
-def math_attention(precision: str, max_length: int) -> bool:
-    return precision == "bf16" and not torch.cuda.is_available() and max_length <= SHORT_SEQUENCE
+    config = model.config.get_text_config()
+    scores = batch_size * config.num_attention_heads * max_length ** 2
+    if precision != "bf16" or torch.cuda.is_available() or scores > SMALL_ATTENTION:
+        return model.config._attn_implementation
+    model.set_attn_implementation("eager")
+    return "eager"

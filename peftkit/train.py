@@ -4,7 +4,6 @@ The loop is transformers' Trainer (so accelerate, multi-GPU and resuming come
 with it); peftkit adds only what it lacks: checkpoints that hold the adapter
 rather than the base, and a run folder that appears only when complete.
 """
-import contextlib
 import json
 import os
 import shutil
@@ -15,6 +14,7 @@ from pathlib import Path
 import torch
 import yaml
 from peft import PeftModel
+from peft.helpers import disable_input_dtype_casting
 from transformers import Trainer, TrainingArguments, set_seed
 from transformers.trainer_utils import get_last_checkpoint
 
@@ -25,7 +25,7 @@ from .dropout import swap_in_fast_dropout
 from .errors import PeftkitError
 from .loading import check_config_overrides, load_model, load_tokenizer
 from .meter import peak_memory_mb
-from .precision import attention_kernels, compute, describe, resolve_precision, store_frozen_in_bf16
+from .precision import choose_attention, compute, describe, resolve_precision, store_frozen_in_bf16
 from .presets import describe_spec, resolve_spec
 from .recipe import Recipe
 from .report import param_report
@@ -37,7 +37,7 @@ class AdapterTrainer(Trainer):
     """Checkpoints hold the adapter and trained heads (plus optimizer state), never the base.
     A task may bring its own loss (generation computes logits for the answer tokens only)."""
 
-    def __init__(self, model=None, *args, task_loss=None, kernels=contextlib.nullcontext, **kwargs):
+    def __init__(self, model=None, *args, task_loss=None, bf16_inputs=False, **kwargs):
         # transformers refuses to train a quantized model unless peft (or its own adapter mixin)
         # attached the adapters; peftkit's bottleneck and prefix adapters are neither, so the
         # check sees trainable parameters on a quantized base as "no adapters". Vouch for them
@@ -53,11 +53,14 @@ class AdapterTrainer(Trainer):
             if vouch:
                 model._hf_peft_config_loaded = False
         self.task_loss = task_loss
-        self.kernels = kernels  # the attention kernels a step's forward and backward run with
+        # Under bf16 autocast peft's LoRA layers cast their bf16 input to the fp32 adapter weights,
+        # and autocast casts it straight back for the matmul: two copies per layer, each way, for
+        # nothing. peft's own switch leaves the input as it comes (a no-op for our own methods).
+        self.bf16_inputs = bf16_inputs
 
-    def training_step(self, *args, **kwargs):
-        with self.kernels():
-            return super().training_step(*args, **kwargs)
+    def training_step(self, model, *args, **kwargs):
+        with disable_input_dtype_casting(model, active=self.bf16_inputs):
+            return super().training_step(model, *args, **kwargs)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if self.task_loss is None or return_outputs:
@@ -96,6 +99,7 @@ class Setup:
     model: object
     quantize: str | None
     precision: str  # fp32 or bf16, resolved for this machine
+    attention: str  # the attention implementation the model runs ("eager" where plain matmuls are faster)
 
 
 def set_up(recipe: Recipe) -> Setup:
@@ -115,7 +119,8 @@ def set_up(recipe: Recipe) -> Setup:
     model = load_model(recipe.model, task=task.MODEL_TASK, quantize=quantize,
                        matmul_dtype=torch.bfloat16 if precision == "bf16" else torch.float32,
                        **prepared["model_kwargs"], **recipe.model_config)
-    return Setup(task, tokenizer, splits, prepared, model, quantize, precision)
+    attention = choose_attention(model, precision, recipe.train.batch_size, recipe.train.max_length)
+    return Setup(task, tokenizer, splits, prepared, model, quantize, precision, attention)
 
 
 def make_trainer(recipe: Recipe, setup: Setup, model, work: Path, save: bool = True,
@@ -128,7 +133,7 @@ def make_trainer(recipe: Recipe, setup: Setup, model, work: Path, save: bool = T
     return AdapterTrainer(model=model, args=_arguments(recipe, work, setup.precision, save),
                           data_collator=setup.prepared["collator"], train_dataset=setup.prepared["train"],
                           task_loss=setup.prepared.get("loss"), callbacks=list(callbacks),
-                          kernels=lambda: attention_kernels(setup.precision, recipe.train.max_length))
+                          bf16_inputs=setup.precision == "bf16")
 
 
 def train(recipe: Recipe, resume: bool = False) -> Path:
@@ -154,7 +159,7 @@ def train(recipe: Recipe, resume: bool = False) -> Path:
 
     metrics = {
         "task": recipe.task, "model": recipe.model, "method": recipe.method, "quantize": quantize,
-        "precision": precision, "precision_detail": describe(precision, quantize, recipe.train.max_length),
+        "precision": precision, "precision_detail": describe(precision, quantize, setup.attention),
         "fast_dropout": recipe.train.fast_dropout,
         "test_examples": len(splits["test"]), "base": before, "adapted": after,
         **({"baseline": baseline} if baseline else {}),

@@ -1,13 +1,13 @@
 """The machine's fast path: bf16 where native, the frozen base stored in bf16, the cheap CPU
 dropout, the attention kernel choice. Each stays close to fp32, and switched off, leaves the
 fp32 path exactly as it was."""
-import contextlib
 import statistics
 import tempfile
 from pathlib import Path
 
 import pytest
 import torch
+from peft.helpers import disable_input_dtype_casting
 from torch import nn
 
 import peftkit
@@ -102,24 +102,46 @@ def test_bf16_logits_and_training_stay_close_to_fp32():
     torch.testing.assert_close(bf16_logits, fp32_logits, rtol=5e-2, atol=5e-2)
 
 
-def test_short_bf16_sequences_on_a_cpu_take_the_math_attention_path():
-    if torch.cuda.is_available():
-        pytest.skip("the choice is made for CPUs only")
-    assert isinstance(precision.attention_kernels("fp32", 64), contextlib.nullcontext)
-    assert isinstance(precision.attention_kernels("bf16", 384), contextlib.nullcontext)
-    short = precision.attention_kernels("bf16", 64)
-    assert not isinstance(short, contextlib.nullcontext)
-    assert torch.backends.cuda.flash_sdp_enabled()
-    with short:  # PyTorch's backend flags cover CPU kernels too, despite the module's name
-        assert not torch.backends.cuda.flash_sdp_enabled() and torch.backends.cuda.math_sdp_enabled()
-    assert torch.backends.cuda.flash_sdp_enabled()
-    model = make_tiny("bert", "cls")
+@pytest.mark.parametrize("arch", ["bert", "llama"])
+def test_small_bf16_attention_on_a_cpu_runs_as_plain_matmuls_with_the_same_outputs(monkeypatch, arch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    model = make_tiny(arch, "cls")
     inputs = tiny_inputs()
     with torch.no_grad():
-        default = model(**inputs).logits
-        with precision.attention_kernels("bf16", 64):
-            math = model(**inputs).logits
-    torch.testing.assert_close(math, default, rtol=1e-5, atol=1e-5)
+        fused = model(**inputs).logits
+    heads = model.config.num_attention_heads
+    too_many = int((precision.SMALL_ATTENTION / heads) ** 0.5) + 1  # tokens past the limit at batch 1
+    assert precision.choose_attention(model, "fp32", 32, 64) == "sdpa"
+    assert precision.choose_attention(model, "bf16", 1, too_many) == "sdpa"
+    assert precision.choose_attention(model, "bf16", 32, 64) == "eager"
+    assert model.config._attn_implementation == "eager"
+    with torch.no_grad():
+        plain = model(**inputs).logits
+    torch.testing.assert_close(plain, fused, rtol=1e-5, atol=1e-5)
+
+
+def test_leaving_peft_inputs_in_bf16_changes_no_loss_or_gradient():
+    """Under autocast, LoRA's matmuls run in bf16 either way; peft's cast to fp32 and back only costs.
+    Without dropout, loss and gradients are the same bit for bit."""
+    model = peftkit.attach(make_tiny("bert", "cls"), "lora").eval()  # no dropout: the same graph twice
+    precision.store_frozen_in_bf16(model, "bf16")
+    torch.manual_seed(0)
+    with torch.no_grad():  # as after some training: with B at its zero init, A's gradients are only noise
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(std=0.1)
+    batch = {**tiny_inputs(), "labels": torch.tensor([0, 2])}
+    runs = []
+    for cast in (True, False):
+        model.zero_grad()
+        with precision.compute("bf16"), disable_input_dtype_casting(model, active=not cast):
+            loss = model(**batch).loss
+        loss.backward()
+        runs.append((loss.detach(), [p.grad.clone() for p in model.parameters() if p.requires_grad]))
+    (cast_loss, cast_grads), (kept_loss, kept_grads) = runs
+    torch.testing.assert_close(kept_loss, cast_loss, rtol=0, atol=0)
+    for kept, cast in zip(kept_grads, cast_grads):
+        torch.testing.assert_close(kept, cast, rtol=0, atol=0)
 
 
 # ---------------------------------------------------------------------------- dropout
