@@ -9,13 +9,44 @@
 """
 __version__ = "0.1.0"
 
-from .attach import attach
-from .bank import AdapterBank
-from .errors import PeftkitError
-from .loading import load_model, load_tokenizer
-from .merge import merge
-from .report import param_report
-from .saving import load_adapter, save_adapter
+import importlib
+import logging
+import sys
+import types
+import warnings
 
-__all__ = ["attach", "param_report", "save_adapter", "load_adapter", "merge", "load_model", "load_tokenizer",
-           "PeftkitError", "AdapterBank"]
+# bitsandbytes logs this on import on every AVX512-BF16 CPU when the optional hub kernel package is
+# absent, then computes with its own CPU kernels: nothing a user can act on, on every command.
+logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(
+    lambda record: "kernels-community" not in record.getMessage())
+
+# peft still reads transformers' old gradient-checkpointing names, which warn on every run: not
+# the user's to fix (peftkit itself calls the new names).
+warnings.filterwarnings("ignore", message="`(is_)?gradient_checkpointing(_enable)?` is deprecated",
+                        category=FutureWarning, module="transformers.modeling_utils")
+
+# The public API, imported on first use: `peftkit --help` and `peftkit recipes` need no torch.
+_API = {"attach": "attach", "param_report": "report", "save_adapter": "saving", "load_adapter": "saving",
+        "merge": "merge", "load_model": "loading", "load_tokenizer": "loading", "PeftkitError": "errors",
+        "AdapterBank": "bank"}
+__all__ = list(_API)
+
+
+def __getattr__(name: str):
+    if name not in _API:
+        raise AttributeError(f"module 'peftkit' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_API[name]}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+class _Package(types.ModuleType):
+    """Importing a submodule binds it on its package: `peftkit.attach` and `peftkit.merge` would turn
+    from the functions into their modules once anything imported those. The API names stay functions."""
+
+    def __setattr__(self, name, value):
+        if not (name in _API and isinstance(value, types.ModuleType)):
+            super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package

@@ -5,6 +5,7 @@ methods peft lacks are injected into the model itself. Either way the model
 carries `peftkit_adapters` ({name: AdapterInfo}) describing what it holds.
 """
 import importlib
+import logging
 from dataclasses import dataclass, field
 
 from peft import PeftModel, get_peft_model, prepare_model_for_kbit_training
@@ -58,6 +59,13 @@ def attach(model, spec, name: str | None = None, gradient_checkpointing: bool | 
     if method != "lora":
         config = tuner(method).Config.from_options(_tuner_options(method, options))
 
+    if method == "prefix" and gradient_checkpointing:
+        raise PeftkitError("prefix tuning does not work with gradient checkpointing (the prefix travels in the "
+                           "KV cache, which checkpointed layers drop); pass gradient_checkpointing=False")
+    if method == "prefix" and gradient_checkpointing is None and is_quantized(base):
+        gradient_checkpointing = False  # the default for 4/8-bit bases, which the prefix cannot train with
+        logging.getLogger("peftkit").warning("peftkit: prefix tuning on a quantized base trains without "
+                                             "gradient checkpointing (the prefix travels in the KV cache)")
     if not existing:
         _freeze(base, gradient_checkpointing)
     if method == "lora":
@@ -153,5 +161,5 @@ def _freeze(model, gradient_checkpointing: bool | None) -> None:
         prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing is not False,
                                         gradient_checkpointing_kwargs={"use_reentrant": False})
     elif gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()

@@ -37,8 +37,9 @@ import warnings
 from pathlib import Path
 
 from .errors import PeftkitError
+from .shipped import shipped
 
-CONFIGS_DIR = Path(__file__).resolve().parent.parent / "benchmarks" / "configs"
+CONFIGS_DIR = shipped("benchmarks") / "configs"
 DEFAULT_METHODS = ("lora", "houlsby", "pfeiffer", "parallel", "prefix")
 FORMATS = ("table", "csv", "json", "markdown")
 # Published parameter counts of the shipped configs (base model, as counted by

@@ -35,9 +35,11 @@ from pathlib import Path
 from .bench import human_size
 from .errors import PeftkitError
 from .presets import read_yaml, resolve_spec
+from .shipped import CHECKOUT, shipped_root
 
-ROOT = Path(__file__).resolve().parent.parent  # the repository: benchmark files name paths in it
-RESULTS_DIR = ROOT / "benchmarks" / "results"
+ROOT = shipped_root()  # benchmark files name paths under it (recipes/..., benchmarks/reference/...)
+# the repository's results folder in a checkout; from an installed wheel, one under the current folder
+RESULTS_DIR = ROOT / "benchmarks" / "results" if ROOT == CHECKOUT else Path("benchmarks") / "results"
 REFERENCES = ("reference", "reference-tuned")  # peft + a plain Trainer script: as is, and tuned
 SPECIAL = ("full", *REFERENCES)
 PRIMARY_METRIC = {"classification": "accuracy", "qa": "f1", "generation": "rouge_l"}
@@ -329,7 +331,7 @@ def _trainer(bench: Bench, variant: Variant, recipe, work: Path, meter) -> tuple
 
     if variant.method in REFERENCES:
         set_seed(recipe.train.seed)
-        splits = load_splits(recipe.data, recipe.train.seed)
+        splits = load_splits(recipe)
         tuned = variant.method == "reference-tuned"
         # bf16 autocast: the plain script as users write it turns it on for bf16 GPUs only; the
         # tuned one wherever the hardware computes bf16 natively (a CPU with AVX512-BF16 or AMX too)
@@ -343,7 +345,7 @@ def _trainer(bench: Bench, variant: Variant, recipe, work: Path, meter) -> tuple
         model = setup.model
         model.requires_grad_(True)
         if recipe.train.gradient_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     else:
         model = attach(setup.model, recipe.method, gradient_checkpointing=recipe.train.gradient_checkpointing)
     trainer = make_trainer(recipe, setup, model, work, save=False, callbacks=[meter])

@@ -1,12 +1,13 @@
 """load_model / load_tokenizer: embedded short names, local folders or hub ids,
 optionally on a 4-bit or 8-bit bitsandbytes base."""
 import difflib
+import logging
 
 import torch
 import transformers
 from transformers import AutoConfig, AutoTokenizer, BitsAndBytesConfig
 
-from .embedded import model_name, resolve_model
+from .embedded import EMBEDDED_MODELS, model_name, resolve_model
 from .errors import PeftkitError
 
 TASKS = {
@@ -18,6 +19,7 @@ TASKS = {
 QUANTIZE = ("nf4", "fp4", "4bit", "8bit")
 # Task heads are trained in full precision, never quantized.
 HEADS = ["classifier", "score", "qa_outputs", "lm_head"]
+TASK_HEADS = ("classifier", "score", "qa_outputs")  # new on a pretrained body: trained, or loaded from the adapter
 
 
 def load_model(name_or_path: str, task: str = "causal-lm", quantize: str | None = None,
@@ -34,12 +36,41 @@ def load_model(name_or_path: str, task: str = "causal-lm", quantize: str | None 
     if quantize:
         kwargs["quantization_config"] = bnb_config(quantize, matmul_dtype or compute_dtype(dtype))
         kwargs["device_map"] = {"": 0} if torch.cuda.is_available() else {"": "cpu"}
-    model = model_cls.from_pretrained(resolve_model(name_or_path), **kwargs)
+    model = _loaded_with_a_report_that_matters(model_cls, name_or_path, **kwargs)
     model.config.peftkit_base_name = model_name(name_or_path)
     keep_standard_4bit_layout(model)
     if quantize:
         release_checkpoint_file(model)
     return model
+
+
+def _loaded_with_a_report_that_matters(model_cls, name_or_path: str, **kwargs):
+    """The model, without transformers' load report on every load: a task head missing from the
+    checkpoint is expected here (peftkit trains it, or loads it from the adapter right after), and
+    unused checkpoint keys (a pooler a QA model drops) harm nothing. Missing body weights are a real
+    problem, and get one line."""
+    report = logging.getLogger("transformers.modeling_utils")
+    mute = logging.Filter("no record passes")  # a filter named after no logger drops every record
+    report.addFilter(mute)
+    try:
+        model, info = _from_pretrained(model_cls, name_or_path, output_loading_info=True, **kwargs)
+    finally:
+        report.removeFilter(mute)
+    missing = [key for key in info.get("missing_keys", []) if key.split(".")[0] not in TASK_HEADS]
+    if missing:
+        logging.getLogger("peftkit").warning(
+            f"peftkit: {name_or_path} lacks {len(missing)} weights of its body, initialized at random "
+            f"({', '.join(sorted(missing)[:3])}{', ...' if len(missing) > 3 else ''}); is it the right checkpoint?")
+    return model
+
+
+def _from_pretrained(cls, name_or_path: str, **kwargs):
+    """cls.from_pretrained, with a hub id that cannot be fetched (no network, a typo) said in one line."""
+    try:
+        return cls.from_pretrained(resolve_model(name_or_path), **kwargs)
+    except OSError as err:
+        raise PeftkitError(f"could not load {name_or_path!r}: it is no local folder or embedded model "
+                           f"({', '.join(EMBEDDED_MODELS)}), and as a hub id: {str(err).splitlines()[0]}") from None
 
 
 def check_config_overrides(name_or_path: str, overrides: dict) -> None:
@@ -48,7 +79,7 @@ def check_config_overrides(name_or_path: str, overrides: dict) -> None:
     unused attribute, and training would go on with the default."""
     if not overrides:
         return  # most recipes: no need to read the config here
-    config = AutoConfig.from_pretrained(resolve_model(name_or_path))
+    config = _from_pretrained(AutoConfig, name_or_path)
     settings = config.to_dict()
     for key, value in overrides.items():
         # num_labels and a few others are properties, absent from to_dict()
@@ -90,7 +121,7 @@ def keep_standard_4bit_layout(model) -> None:
 
 
 def load_tokenizer(name_or_path: str):
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model(name_or_path))
+    tokenizer = _from_pretrained(AutoTokenizer, name_or_path)
     if tokenizer.pad_token is None:  # decoder-only tokenizers often lack one; batching needs it
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer

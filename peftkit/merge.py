@@ -1,9 +1,15 @@
 """merge(): fold LoRA into the base weights and return a plain transformers model.
 
+The model given stays as it was (the merge works on a copy) unless inplace=True, which
+saves the copy's memory and leaves the given model unusable. The merged model keeps the
+base's dtype (a bf16 base stays bf16) unless `dtype` asks for another.
+
 A quantized base is dequantized first and the adapter re-applied on the
 full-precision copy, so the merge itself is exact (peft's own merge on a
 4-bit layer would re-quantize the merged weight and lose the update).
 """
+import copy
+
 import torch
 from peft import PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 
@@ -11,16 +17,20 @@ from .attach import pick_adapter, is_quantized
 from .errors import PeftkitError
 
 
-def merge(model, name: str | None = None, dtype: torch.dtype = torch.float32):
+def merge(model, name: str | None = None, dtype: torch.dtype | None = None, inplace: bool = False):
     name, info = pick_adapter(model, name)
     if info.method != "lora":
         raise PeftkitError(
             f"adapter {name!r} is {info.method}: only LoRA is a weight update that folds into the base; "
             f"{info.method} adds computation of its own (use load_adapter for inference instead)"
         )
+    if not inplace:
+        model = copy.deepcopy(model)
     model.set_adapter(name)
     if is_quantized(model):
+        dtype = dtype or torch.float32  # what the 4/8-bit weights are dequantized to
         model = _requantize_free(model, name)
+    dtype = dtype or model.get_base_model().dtype
     merged = model.merge_and_unload(adapter_names=[name])
     merged.peftkit_adapters = {}
     return merged.to(dtype)

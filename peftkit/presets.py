@@ -8,8 +8,9 @@ from pathlib import Path
 import yaml
 
 from .errors import PeftkitError
+from .shipped import shipped
 
-PRESETS_DIR = Path(__file__).resolve().parent.parent / "adapters"
+PRESETS_DIR = shipped("adapters")
 METHODS = ("lora", "houlsby", "pfeiffer", "parallel", "prefix")
 QUANTIZE = (None, "nf4", "fp4", "4bit", "8bit")
 

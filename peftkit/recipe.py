@@ -12,10 +12,10 @@ from pathlib import Path
 import yaml
 
 from .errors import PeftkitError
-from .precision import check_precision
 from .presets import read_yaml
+from .shipped import shipped
 
-RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
+RECIPES_DIR = shipped("recipes")
 TASKS = ("classification", "qa", "generation")
 
 
@@ -80,6 +80,7 @@ class Recipe:
         for key in ("batch_size", "grad_accum", "max_length", "eval_batch_size", "logging_steps", "save_steps"):
             if getattr(self.train, key) <= 0:
                 raise PeftkitError(f"train.{key} must be positive, got {getattr(self.train, key)}")
+        from .precision import check_precision  # here: `peftkit recipes` lists YAML without importing torch
         check_precision(self.train.precision)
         if self.train.lr <= 0:
             raise PeftkitError(f"train.lr must be positive, got {self.train.lr}")

@@ -26,22 +26,40 @@ class Run:
         return task_module(self.recipe.task)
 
     def evaluate(self, split: str = "test") -> dict:
-        splits = load_splits(self.recipe.data, self.recipe.train.seed)
+        splits = load_splits(self.recipe)
         with self._computing():
             return self.task.evaluate(self.model, self.tokenizer, splits[split], self.recipe)
 
     def predict(self, rows: list[dict]) -> list[dict]:
+        """One prediction per input row. A row gives the recipe's input columns (a single one may
+        also come as "text"); its other fields (an id, ...) are kept in the output row."""
+        columns = [column for column, kind in self.task.columns(self.recipe.data).items() if kind == "text"]
+        inputs = [_inputs(row, n, columns) for n, row in enumerate(rows, 1)]
         with self._computing():
-            return self.task.predict(self.model, self.tokenizer, rows, self.recipe)
+            predictions = self.task.predict(self.model, self.tokenizer, inputs, self.recipe)
+        return [{**{k: v for k, v in row.items() if k not in (*columns, "text")}, **prediction}
+                for row, prediction in zip(rows, predictions)]
 
     def _computing(self):
         """As the run computed in training and in its own test (bf16 autocast where that was native)."""
         return compute(resolve_precision(self.recipe.train.precision))
 
     def merge(self, out: Path) -> None:
-        merged = merge(self.model)
+        merged = merge(self.model, inplace=True)  # the run's own copy of the base
         merged.save_pretrained(out)
         self.tokenizer.save_pretrained(out)
+
+
+def _inputs(row: dict, number: int, columns: list[str]) -> dict:
+    if len(columns) == 1 and columns[0] not in row and "text" in row:
+        row = {columns[0]: row["text"]}
+    for column in columns:
+        if not isinstance(row.get(column), str):
+            also = ' (or "text")' if len(columns) == 1 else ""
+            raise PeftkitError(f"input row {number} needs a string {column!r}{also}, the recipe's input "
+                               f"column{'s' if len(columns) > 1 else ''} {', '.join(map(repr, columns))}; "
+                               f"it has {', '.join(map(repr, sorted(row))) or 'no fields'}")
+    return {column: row[column] for column in columns}
 
 
 def open_run(path) -> Run:

@@ -1,9 +1,11 @@
 """save_adapter / load_adapter: a folder with adapter_model.safetensors and
 adapter_config.json. LoRA folders are peft's own format (stock peft loads
-them); peftkit's record sits under the "peftkit" key of the same config.
+them, without a warning), with peftkit's record beside them in peftkit.json;
+peftkit's own methods keep the record under the "peftkit" key of their config.
 Nothing is ever unpickled, and a folder only appears once complete."""
 import dataclasses
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -24,6 +26,7 @@ from .presets import METHODS
 
 WEIGHTS = "adapter_model.safetensors"
 CONFIG = "adapter_config.json"
+RECORD = "peftkit.json"  # beside a LoRA folder's config: peft warns about keys it does not know
 
 
 def save_adapter(model, path, name: str | None = None) -> Path:
@@ -44,7 +47,7 @@ def write_adapter_files(model, folder: Path, name: str | None = None) -> None:
         state = {**tuner(info.method).adapter_state_dict(model, name), **_head_state(base_model(model))}
         save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, Path(folder) / WEIGHTS,
                   metadata={"format": "pt"})
-        _write_json(Path(folder) / CONFIG, {"peftkit": _record(info)})
+        _write_json(Path(folder) / CONFIG, {"peftkit": _record(info, name)})
 
 
 def restore_adapter_weights(model, folder: Path, name: str | None = None) -> None:
@@ -70,7 +73,8 @@ def load_adapter(model, path, name: str | None = None, trainable: bool = False):
     config = read_adapter_config(path)
     state = read_weights(path / WEIGHTS)
     info = adapter_info(config)
-    name = name or ("default" if not adapters_of(model) else Path(path).name)
+    saved_name = (config.get("peftkit") or {}).get("name")
+    name = name or saved_name or ("default" if not adapters_of(model) else Path(path).name)
     if name in adapters_of(model):
         raise PeftkitError(f"the model already holds an adapter named {name!r}; pass another name=")
     base = base_model(model)
@@ -82,9 +86,20 @@ def load_adapter(model, path, name: str | None = None, trainable: bool = False):
         )
     if info.base_fingerprint:
         check_same_base(info.base_fingerprint, base_fingerprint(model), info.base_name, base_name(base))
+    else:  # a stock peft folder: what it carries is the base's name and the shapes it expects
+        _check_lora_targets(base, state, path)
+        logging.getLogger("peftkit").warning(
+            f"peftkit: {path} records no base fingerprint (saved by peft, not peftkit); it names base "
+            f"{info.base_name!r}, and only its layer shapes were checked against {base_name(base)!r}")
     # peft keys read base_model.model.<module>...; heads are the keys under a task head
     heads = {k.removeprefix("base_model.model."): v for k, v in state.items()}
-    _check_heads(base, {k: v for k, v in heads.items() if k.split(".")[0] in task_heads(base) and "lora_" not in k})
+    heads = {k: v for k, v in heads.items() if k.split(".")[0] in task_heads(base) and "lora_" not in k}
+    missing = [head for head in task_heads(base) if not any(k.split(".")[0] == head for k in heads)]
+    if missing:  # loading would leave the head as initialized: random predictions, no error
+        raise PeftkitError(f"{path} holds no weights for the model's task head {', '.join(missing)}; a "
+                           f"{type(base).__name__} predicts with its trained head only (peft saves it with "
+                           f"modules_to_save={missing})")
+    _check_heads(base, heads)
     existing = adapters_of(model)
     keep_standard_4bit_layout(base)  # as attach does: a user-loaded 4-bit base must not repack on CPU
     if info.method == "lora":
@@ -107,10 +122,17 @@ def read_adapter_config(path: Path) -> dict:
     for needed in (CONFIG, WEIGHTS):
         if not (path / needed).is_file():
             raise PeftkitError(f"{path} is not an adapter folder: {needed} is missing")
+    config = _read_json(path / CONFIG)
+    if (path / RECORD).is_file():  # the config as peftkit reads it: its record under "peftkit"
+        config["peftkit"] = _read_json(path / RECORD)
+    return config
+
+
+def _read_json(file: Path) -> dict:
     try:
-        return json.loads((path / CONFIG).read_text())
+        return json.loads(file.read_text())
     except json.JSONDecodeError as err:
-        raise PeftkitError(f"{path / CONFIG} is not valid JSON: {err}") from None
+        raise PeftkitError(f"{file} is not valid JSON: {err}") from None
 
 
 def read_weights(file: Path) -> dict[str, torch.Tensor]:
@@ -127,9 +149,7 @@ def _save_lora(model, name, info, tmp: Path) -> None:
         for file in (tmp / name).iterdir():
             file.rename(tmp / file.name)
         (tmp / name).rmdir()
-    config = json.loads((tmp / CONFIG).read_text())
-    config["peftkit"] = _record(info)
-    _write_json(tmp / CONFIG, config)
+    _write_json(tmp / RECORD, _record(info, name))
 
 
 def _head_state(base) -> dict:
@@ -161,6 +181,26 @@ def _load_own(model, name, info, state, trainable) -> None:
                 param.requires_grad_(True)
 
 
+def _check_lora_targets(base, state: dict, path: Path) -> None:
+    """Each LoRA matrix fits the layer it names: peft itself would fail with a size-mismatch traceback."""
+    for key, value in state.items():
+        module_path, _, rest = key.removeprefix("base_model.model.").partition(".lora_")
+        if not rest.startswith(("A.", "B.")):
+            continue  # not a LoRA matrix of a linear layer (a head, an embedding's LoRA)
+        try:
+            layer = base.get_submodule(module_path)
+        except AttributeError:
+            raise PeftkitError(f"{path} adapts {module_path}, which the model given lacks; "
+                               "load it onto the base it was trained on") from None
+        if not hasattr(layer, "in_features"):
+            continue
+        fits = value.shape[1] == layer.in_features if rest.startswith("A.") else value.shape[0] == layer.out_features
+        if not fits:
+            raise PeftkitError(f"{path}: {key} has shape {tuple(value.shape)}, which does not fit {module_path} "
+                               f"({layer.in_features} in, {layer.out_features} out); load it onto the base it "
+                               "was trained on")
+
+
 def _check_heads(base, heads: dict) -> None:
     own = base.state_dict()
     for key, value in heads.items():
@@ -184,9 +224,9 @@ def adapter_info(config: dict) -> AdapterInfo:
     return AdapterInfo(**{k: record[k] for k in ("method", "options", "base_name", "base_fingerprint", "task")})
 
 
-def _record(info: AdapterInfo) -> dict:
+def _record(info: AdapterInfo, name: str) -> dict:
     from . import __version__
-    return {"version": __version__, **dataclasses.asdict(info)}
+    return {"version": __version__, "name": name, **dataclasses.asdict(info)}
 
 
 def _write_json(file: Path, data: dict) -> None:

@@ -110,7 +110,7 @@ def set_up(recipe: Recipe) -> Setup:
     check_config_overrides(recipe.model, recipe.model_config)
     set_seed(recipe.train.seed)  # before the model is built: new heads and adapters draw their init from it
     tokenizer = load_tokenizer(recipe.model)
-    splits = load_splits(recipe.data, recipe.train.seed)
+    splits = load_splits(recipe)
     prepared = task.prepare(recipe, splits, tokenizer)  # every data check happens here, before training
     taken = sorted(set(recipe.model_config) & set(prepared["model_kwargs"]))
     if taken:
@@ -234,9 +234,23 @@ def _write_run(run_dir: Path, model, recipe: Recipe, metrics: dict, log: list) -
     with staged_dir(run_dir) as tmp:
         write_adapter_files(model, tmp)
         (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-        (tmp / "recipe.yaml").write_text(yaml.safe_dump(asdict(recipe), sort_keys=False))
+        (tmp / "recipe.yaml").write_text(yaml.safe_dump(_saved_recipe(recipe), sort_keys=False))
         (tmp / "train_log.jsonl").write_text("".join(json.dumps(row) + "\n" for row in log))
         (tmp / "README.md").write_text(_model_card(run_dir, recipe, metrics))
+
+
+def _saved_recipe(recipe: Recipe) -> dict:
+    """The recipe as the run keeps it: a local model folder or data path made absolute, so the run
+    reopens (`peftkit eval RUN`, `predict`) from any folder."""
+    from .data import EMBEDDED_DATASETS
+
+    saved = asdict(recipe)
+    if Path(recipe.model).expanduser().is_dir():
+        saved["model"] = str(Path(recipe.model).expanduser().resolve())
+    dataset = Path(recipe.data.dataset).expanduser()
+    if recipe.data.dataset not in EMBEDDED_DATASETS and dataset.exists():
+        saved["data"]["dataset"] = str(dataset.resolve())
+    return saved
 
 
 def _model_card(run_dir: Path, recipe: Recipe, metrics: dict) -> str:

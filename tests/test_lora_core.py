@@ -57,17 +57,18 @@ def test_saved_file_holds_only_adapter_and_heads(tmp_path):
     report = peftkit.param_report(model)
     peftkit.save_adapter(model, tmp_path / "a")
     size = (tmp_path / "a" / "adapter_model.safetensors").stat().st_size
-    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["README.md", "adapter_config.json",
-                                                                   "adapter_model.safetensors"] or \
-        sorted(p.name for p in (tmp_path / "a").iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    names = sorted(p.name for p in (tmp_path / "a").iterdir())  # peft may add a README.md model card
+    assert [n for n in names if n != "README.md"] == ["adapter_config.json", "adapter_model.safetensors",
+                                                      "peftkit.json"]
     assert report["trainable"] * 4 < size < report["trainable"] * 4 + 8192
 
 
-def test_peftkit_adapter_loads_in_stock_peft(tmp_path):
+def test_peftkit_adapter_loads_in_stock_peft(tmp_path, recwarn):
     model = peftkit.attach(make_tiny("llama", "lm"), {"method": "lora", "init_lora_weights": False})
     inputs = tiny_inputs()
     peftkit.save_adapter(model, tmp_path / "a")
     stock = PeftModel.from_pretrained(make_tiny("llama", "lm"), str(tmp_path / "a"))
+    assert not [w for w in recwarn if "Unexpected keyword arguments" in str(w.message)]  # nothing of ours in its config
     torch.testing.assert_close(logits(stock, inputs), logits(model, inputs), rtol=0, atol=0)
 
 
@@ -80,6 +81,33 @@ def test_peft_adapter_loads_in_peftkit(tmp_path):
     torch.testing.assert_close(logits(ours, inputs), logits(stock, inputs), rtol=0, atol=0)
 
 
+def test_a_stock_peft_folder_is_checked_on_shapes_and_says_it_has_no_fingerprint(tmp_path, caplog):
+    config = LoraConfig(r=4, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
+    get_peft_model(make_tiny("llama", "lm"), config).save_pretrained(str(tmp_path / "p"))
+    peftkit.load_adapter(make_tiny("llama", "lm"), tmp_path / "p")
+    assert "records no base fingerprint (saved by peft, not peftkit)" in caplog.text
+    wider = make_tiny("llama", "lm")
+    wider.model.layers[0].self_attn.q_proj = torch.nn.Linear(64, 96, bias=False)
+    with pytest.raises(peftkit.PeftkitError, match=r"q_proj.lora_B.weight has shape \(64, 4\), which does not fit "
+                                                   r"model.layers.0.self_attn.q_proj \(64 in, 96 out\)"):
+        peftkit.load_adapter(wider, tmp_path / "p")
+
+
+def test_a_classifier_adapter_without_its_head_is_refused(tmp_path):
+    config = LoraConfig(r=4, target_modules=["q_proj", "v_proj"])  # no task type: peft does not keep the head
+    get_peft_model(make_tiny("llama", "cls"), config).save_pretrained(str(tmp_path / "p"))
+    with pytest.raises(peftkit.PeftkitError, match="holds no weights for the model's task head score"):
+        peftkit.load_adapter(make_tiny("llama", "cls"), tmp_path / "p")
+
+
+def test_an_adapter_saved_under_a_name_reloads_under_it(tmp_path):
+    for method in ("lora", "houlsby"):
+        model = peftkit.attach(make_tiny("bert", "cls"), method, name="sentiment")
+        peftkit.save_adapter(model, tmp_path / method)
+        loaded = peftkit.load_adapter(make_tiny("bert", "cls"), tmp_path / method)
+        assert list(loaded.peftkit_adapters) == ["sentiment"]
+
+
 @pytest.mark.parametrize("options", [{}, {"use_rslora": True}, {"use_dora": True}])
 def test_merge_matches_unmerged(options):
     model = peftkit.attach(make_tiny("llama", "cls"), {"method": "lora", "init_lora_weights": False, **options})
@@ -90,6 +118,17 @@ def test_merge_matches_unmerged(options):
     assert type(merged).__name__ == "LlamaForSequenceClassification"
     assert not any("lora" in k for k in merged.state_dict())
     torch.testing.assert_close(logits(merged, inputs), expected, rtol=0, atol=1e-4)
+    # the caller's model is left as it was, adapter and all; only inplace=True gives it up
+    torch.testing.assert_close(logits(model, inputs), expected, rtol=0, atol=0)
+    assert any("lora_A" in k for k in model.state_dict())
+    peftkit.merge(model, inplace=True)
+    assert not any("lora_A" in k for k in model.state_dict())
+
+
+def test_merge_keeps_the_base_dtype_unless_asked():
+    model = peftkit.attach(make_tiny("llama", "cls").to(torch.bfloat16), "lora")
+    assert peftkit.merge(model).dtype == torch.bfloat16
+    assert peftkit.merge(model, dtype=torch.float32).dtype == torch.float32
 
 
 def test_wrong_base_is_refused_and_left_untouched(tmp_path):
@@ -106,6 +145,20 @@ def test_wrong_base_is_refused_and_left_untouched(tmp_path):
         peftkit.load_adapter(bert, tmp_path / "a")
 
 
+def test_another_checkpoint_of_the_same_shape_is_refused_and_a_bf16_copy_is_not(tmp_path):
+    peftkit.save_adapter(peftkit.attach(make_tiny("llama", "lm"), "lora"), tmp_path / "a")
+    variant = make_tiny("llama", "lm")  # as a short fine-tune leaves it: the embeddings as they were,
+    torch.manual_seed(1)  # one deep tensor's weights moved by 2% each
+    weight = variant.model.layers[1].mlp.down_proj.weight
+    with torch.no_grad():
+        weight.mul_(1 + 0.02 * torch.randn_like(weight))
+    with pytest.raises(peftkit.PeftkitError, match=r"model.layers.1.mlp.down_proj.weight of the model given .* "
+                                                   r"holds other weights"):
+        peftkit.load_adapter(variant, tmp_path / "a")
+    assert not hasattr(variant, "peft_config")
+    peftkit.load_adapter(make_tiny("llama", "lm").to(torch.bfloat16), tmp_path / "a")  # rounding only
+
+
 def test_bad_files_give_clear_errors(tmp_path):
     with pytest.raises(peftkit.PeftkitError, match="does not exist"):
         peftkit.load_adapter(make_tiny("bert", "cls"), tmp_path / "missing")
@@ -119,10 +172,10 @@ def test_bad_files_give_clear_errors(tmp_path):
     with pytest.raises(peftkit.PeftkitError, match="truncated or corrupted"):
         peftkit.load_adapter(make_tiny("bert", "cls"), tmp_path / "a")
     peftkit.save_adapter(model, tmp_path / "b")
-    config_file = tmp_path / "b" / "adapter_config.json"
-    config = json.loads(config_file.read_text())
-    config["peftkit"]["method"] = "telepathy"
-    config_file.write_text(json.dumps(config))
+    record_file = tmp_path / "b" / "peftkit.json"  # LoRA: peftkit's record beside peft's config
+    record = json.loads(record_file.read_text())
+    record["method"] = "telepathy"
+    record_file.write_text(json.dumps(record))
     with pytest.raises(peftkit.PeftkitError, match="unknown adapter method 'telepathy'"):
         peftkit.load_adapter(make_tiny("bert", "cls"), tmp_path / "b")
 

@@ -89,3 +89,18 @@ def test_4bit_layers_compute_in_bf16_on_a_gpu_that_has_it_and_in_the_model_dtype
     assert bnb_config("nf4", compute_dtype(torch.float32)).bnb_4bit_compute_dtype == torch.bfloat16
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
     assert compute_dtype(torch.float32) == torch.float32
+
+
+def test_prefix_on_a_quantized_base_trains_with_default_arguments(tiny_dir, caplog):
+    model = peftkit.attach(peftkit.load_model(tiny_dir, task="classification", quantize="nf4"), "prefix")
+    assert "trains without gradient checkpointing" in caplog.text
+    prefix = [p for n, p in model.named_parameters() if p.requires_grad and "score" not in n]
+    before = [p.detach().clone() for p in prefix]
+    model.train()
+    loss = model(**tiny_inputs(), labels=torch.tensor([0, 2])).loss
+    loss.backward()
+    torch.optim.SGD(prefix, lr=0.1).step()
+    assert any(not torch.equal(p, b) for p, b in zip(prefix, before))
+    with pytest.raises(peftkit.PeftkitError, match="prefix tuning does not work with gradient checkpointing"):
+        peftkit.attach(peftkit.load_model(tiny_dir, task="classification", quantize="nf4"), "prefix",
+                       gradient_checkpointing=True)

@@ -78,7 +78,7 @@ def test_train_eval_predict_end_to_end(tmp_path):
     from peftkit.runs import open_run
     run_dir = train(load_recipe("sentiment-lora", TINY + [f"output_dir={tmp_path}"]))
     names = sorted(p.name for p in run_dir.iterdir())
-    assert names == ["README.md", "adapter_config.json", "adapter_model.safetensors", "metrics.json",
+    assert names == ["README.md", "adapter_config.json", "adapter_model.safetensors", "metrics.json", "peftkit.json",
                      "recipe.yaml", "train_log.jsonl"]
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert set(metrics["base"]) == set(metrics["adapted"]) == {"accuracy", "macro_f1"}

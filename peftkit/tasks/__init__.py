@@ -1,5 +1,5 @@
-"""One module per task type. Each has MODEL_TASK (what load_model builds) and
-prepare(recipe, splits, tokenizer), evaluate(model, tokenizer, dataset, recipe),
+"""One module per task type. Each has MODEL_TASK (what load_model builds), columns(data)
+(what each row must carry), prepare(recipe, splits, tokenizer), evaluate(model, tokenizer, dataset, recipe),
 predict(model, tokenizer, rows, recipe)."""
 import importlib
 

@@ -5,15 +5,18 @@ from tqdm.auto import tqdm
 from transformers import DataCollatorWithPadding
 
 from ..batching import PAD_MULTIPLE
-from ..datasource import require_columns
 from ..errors import PeftkitError
 
 MODEL_TASK = "classification"
 
 
+def columns(data) -> dict:
+    """What each row must carry (datasource checks it on load)."""
+    return {data.text: "text", data.label: "label"}
+
+
 def prepare(recipe, splits, tokenizer) -> dict:
     data = recipe.data
-    require_columns(splits, [data.text, data.label], data.dataset)
     labels = label_names(splits, data)
     for name in splits:
         feature = splits[name].features[data.label]

@@ -13,7 +13,6 @@ import torch
 from datasets import ClassLabel
 from tqdm.auto import tqdm
 
-from ..datasource import require_columns
 from ..errors import PeftkitError
 from .qa import normalize_answer
 
@@ -77,9 +76,13 @@ def target_texts(values, feature) -> list[str]:
 # ---------------------------------------------------------------------------------------------
 # training data
 
+def columns(data) -> dict:
+    """What each row must carry (datasource checks it on load); the target may be a class label."""
+    return {data.prompt: "text", data.target: "label"}
+
+
 def prepare(recipe, splits, tokenizer) -> dict:
     data, t = recipe.data, recipe.train
-    require_columns(splits, [data.prompt, data.target], data.dataset)
     if tokenizer.eos_token_id is None:
         raise PeftkitError(f"the tokenizer of {recipe.model} has no eos token; generation needs one to end answers")
     template = ChatPrompt(tokenizer, data.instruction)

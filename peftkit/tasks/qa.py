@@ -16,7 +16,6 @@ from tqdm.auto import tqdm
 from transformers import DataCollatorWithPadding
 
 from ..batching import PAD_MULTIPLE
-from ..datasource import require_columns
 from ..errors import PeftkitError
 
 MODEL_TASK = "qa"
@@ -28,9 +27,13 @@ N_BEST = 20  # start and end candidates per window
 # ---------------------------------------------------------------------------------------------
 # training data
 
+def columns(data) -> dict:
+    """What each row must carry (datasource checks it on load)."""
+    return {data.question: "text", data.context: "text", data.answers: "answers"}
+
+
 def prepare(recipe, splits, tokenizer) -> dict:
     data = recipe.data
-    require_columns(splits, [data.question, data.context, data.answers], data.dataset)
     if not getattr(tokenizer, "is_fast", False):
         raise PeftkitError(f"qa needs a fast tokenizer (offset mappings); {recipe.model} has {type(tokenizer).__name__}")
     check_lengths(splits, tokenizer, recipe)
