@@ -43,6 +43,9 @@ def main(argv=None) -> int:
     p.add_argument("--batch-wait-ms", type=float, default=5.0, help="how long a batch waits for more requests")
     p.add_argument("--max-tokens", type=int, default=256, help="largest max_tokens a request may ask for")
     p.add_argument("--max-prompt-tokens", type=int, default=1024)
+    p.add_argument("--max-body-mb", type=float, default=4.0, help="largest request body; larger ones get 413")
+    p.add_argument("--max-input-tokens", type=int, default=8192,
+                   help="most tokens of text one classify or answer request may send")
 
     p = commands.add_parser("merge", help="fold a LoRA run into its base and save a plain model")
     p.add_argument("run")
@@ -104,13 +107,18 @@ def _predict_bank(args):
 
 
 def _serve(args):
+    import importlib.util
+    missing = [name for name in ("fastapi", "uvicorn") if importlib.util.find_spec(name) is None]
+    if missing:
+        raise PeftkitError(f"peftkit serve needs {' and '.join(missing)}: pip install 'peftkit[serve]'")
     from .bank import AdapterBank
     from .serve import create_app, serve
     bank = AdapterBank.from_adapters(args.base, _named(args.adapter), task=args.task, quantize=args.quantize,
                                      batch_size=args.max_batch)
     app = create_app(bank, adapter_dir=args.adapter_dir, admin_token=args.admin_token, max_batch=args.max_batch,
                      max_tokens=args.max_tokens, max_prompt_tokens=args.max_prompt_tokens,
-                     batch_wait_ms=args.batch_wait_ms)
+                     batch_wait_ms=args.batch_wait_ms, max_body_bytes=int(args.max_body_mb * 2**20),
+                     max_input_tokens=args.max_input_tokens)
     serve(app, args.host, args.port)
 
 

@@ -12,10 +12,13 @@
 concurrent clients wait in one queue: a worker thread takes up to max_batch rows of one kind at a
 time, whatever adapters they name, runs them as one batch and hands each request its own rows.
 Bad requests get a 4xx with {"error": {"message", "type", "code", "param"}}; the server goes on.
+A body over max_body_bytes is refused with 413 before it is read whole. A 500 says only its
+request id (also in the x-request-id header); the traceback goes to the server's log.
 """
 import asyncio
 import concurrent.futures
 import hmac
+import logging
 import queue
 import socket
 import threading
@@ -27,13 +30,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import uvicorn
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .errors import PeftkitError
+
+
+log = logging.getLogger("peftkit.serve")
+MAX_BODY_BYTES = 4 * 2**20  # 64 QA contexts of 50 KB fit; a 20 MB upload does not
 
 
 class ApiError(Exception):
@@ -100,8 +108,9 @@ class Batcher:
     """One worker thread runs the bank. It takes the oldest waiting job, then for up to `wait_s`
     more jobs of the same kind (complete and chat batch together), up to `max_batch` rows."""
 
-    def __init__(self, bank, max_batch: int, wait_s: float, max_prompt_tokens: int):
+    def __init__(self, bank, max_batch: int, wait_s: float, max_prompt_tokens: int, max_input_tokens: int):
         self.bank, self.max_batch, self.wait_s, self.max_prompt_tokens = bank, max_batch, wait_s, max_prompt_tokens
+        self.max_input_tokens = max_input_tokens
         self.queue = queue.Queue()
         self.history = deque(maxlen=1000)  # (kind, rows, adapters) of recent batches
         self.thread = threading.Thread(target=self._loop, name="peftkit-batcher", daemon=True)
@@ -152,6 +161,8 @@ class Batcher:
                                                       "model"))
                 elif _family(job) == "generate" and not self._tokenize(job):
                     continue
+                elif _family(job) != "generate" and not self._within_input_limit(job):
+                    continue
                 else:
                     live.append(job)
             if not live:
@@ -167,9 +178,12 @@ class Batcher:
                 else:
                     results = bank.answer([q for job in live for q, _ in job.rows],
                                           [c for job in live for _, c in job.rows], adapters)
-            except Exception as err:  # the whole batch failed: every request in it hears why
-                for job in live:
-                    job.future.set_exception(err)
+            except Exception as err:
+                if len(live) > 1:  # run each request alone: only the one that breaks fails
+                    for job in live:
+                        self._run([job])
+                else:
+                    live[0].future.set_exception(err)
                 return
         start = 0
         for job in live:
@@ -199,6 +213,22 @@ class Batcher:
         return True
 
 
+    def _within_input_limit(self, job: Job) -> bool:
+        """A classify or answer request's texts (questions and contexts) hold at most max_input_tokens
+        tokens in all: one request's 50 long contexts would hold the model while others wait.
+        False after failing the job."""
+        texts = [part for row in job.rows for part in (row if isinstance(row, tuple) else (row,))]
+        counts = self.bank.tokenizer(texts, add_special_tokens=False)["input_ids"]
+        total = sum(map(len, counts))
+        if total > self.max_input_tokens:
+            job.future.set_exception(ApiError(
+                400, f"the request's texts hold {total} tokens; this server takes at most {self.max_input_tokens} "
+                "per request (split it into several requests)", "too_many_tokens",
+                "context" if job.kind == "answer" else "input"))
+            return False
+        return True
+
+
 def _family(job) -> str:
     return "generate" if job.kind in ("complete", "chat") else job.kind
 
@@ -207,13 +237,14 @@ def _family(job) -> str:
 
 def create_app(bank, *, adapter_dir=None, admin_token: str | None = None, max_batch: int = 8,
                max_tokens: int = 256, max_prompt_tokens: int = 1024, max_inputs: int = 64,
-               batch_wait_ms: float = 5.0) -> FastAPI:
+               batch_wait_ms: float = 5.0, max_body_bytes: int = MAX_BODY_BYTES,
+               max_input_tokens: int = 8192) -> FastAPI:
     """The HTTP app over `bank`. Runtime loading reads only folders under `adapter_dir`, and the
     admin endpoints are off unless `admin_token` is set."""
     base_id = Path(bank.base_name).name
     root = Path(adapter_dir).resolve() if adapter_dir else None
     created = int(time.time())
-    batcher = Batcher(bank, max_batch, batch_wait_ms / 1000, max_prompt_tokens)
+    batcher = Batcher(bank, max_batch, batch_wait_ms / 1000, max_prompt_tokens, max_input_tokens)
 
     @asynccontextmanager
     async def lifespan(app):
@@ -222,6 +253,12 @@ def create_app(bank, *, adapter_dir=None, admin_token: str | None = None, max_ba
 
     app = FastAPI(title="peftkit", lifespan=lifespan)
     app.state.bank, app.state.batcher = bank, batcher
+    app.add_middleware(BodyLimit, limit=max_body_bytes)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request, err: StarletteHTTPException):
+        code = {404: "not_found", 405: "method_not_allowed", 413: "body_too_large"}.get(err.status_code)
+        return _error(err.status_code, str(err.detail), code)
 
     @app.exception_handler(ApiError)
     async def api_error(request, err: ApiError):
@@ -240,7 +277,11 @@ def create_app(bank, *, adapter_dir=None, admin_token: str | None = None, max_ba
 
     @app.exception_handler(Exception)
     async def crash(request, err: Exception):
-        return _error(500, f"internal error: {type(err).__name__}: {err}", "internal_error", kind="server_error")
+        request_id = uuid.uuid4().hex[:16]  # the client quotes it; the log has the rest
+        log.error("request %s (%s %s) failed", request_id, request.method, request.url.path, exc_info=err)
+        response = _error(500, f"internal error; request id {request_id}", "internal_error", kind="server_error")
+        response.headers["x-request-id"] = request_id
+        return response
 
     def adapter_for(model: str, task: str, endpoint: str) -> str | None:
         if bank.task != task:
@@ -330,16 +371,21 @@ def create_app(bank, *, adapter_dir=None, admin_token: str | None = None, max_ba
         return {"object": "list", "model": body.model, "data": [{"index": i, **r} for i, r in enumerate(results)]}
 
     def check_admin(request: Request) -> None:
+        """A dependency of the admin routes, run before their body is read: a client without the
+        token learns nothing about what a valid body looks like."""
         if not admin_token:
             raise ApiError(403, "the admin endpoints are off; start the server with an admin token "
                            "(--admin-token or PEFTKIT_ADMIN_TOKEN)", "admin_disabled")
-        given = request.headers.get("authorization", "")
-        if not hmac.compare_digest(given.encode(), f"Bearer {admin_token}".encode()):
+        scheme, _, given = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), admin_token.encode()):
             raise ApiError(401, "missing or wrong admin token; send Authorization: Bearer TOKEN", "unauthorized")
 
-    @app.post("/v1/admin/adapters", status_code=201)
-    async def load_adapter(body: LoadBody, request: Request):
-        check_admin(request)
+    @app.post("/v1/admin/adapters", status_code=201, dependencies=[Depends(check_admin)])
+    async def load_adapter(request: Request):
+        try:  # read here, after the token check: FastAPI would parse a declared body first
+            body = LoadBody.model_validate_json(await request.body())
+        except ValidationError as err:
+            raise RequestValidationError(err.errors()) from None
         if root is None:
             raise ApiError(403, "loading adapters at run time needs an adapter directory (--adapter-dir)",
                            "no_adapter_dir", "path")
@@ -356,15 +402,40 @@ def create_app(bank, *, adapter_dir=None, admin_token: str | None = None, max_ba
             raise ApiError(400, str(err), "adapter_refused", "path") from None
         return {"loaded": {k: v for k, v in info.items() if k != "path"}}
 
-    @app.delete("/v1/admin/adapters/{name}")
-    async def unload_adapter(name: str, request: Request):
-        check_admin(request)
+    @app.delete("/v1/admin/adapters/{name}", dependencies=[Depends(check_admin)])
+    async def unload_adapter(name: str):
         if name not in bank:
             raise ApiError(404, f"no adapter named {name!r} is loaded", "model_not_found", "name")
         await run_in_threadpool(bank.unload, name)
         return {"unloaded": name}
 
     return app
+
+
+class BodyLimit:
+    """ASGI middleware: a body over `limit` bytes gets 413 before it is read whole, by its
+    Content-Length, or for a chunked body as soon as the bytes read pass the limit."""
+
+    def __init__(self, app, limit: int):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope["headers"]).get(b"content-length", b"")
+        if length.isdigit() and int(length) > self.limit:
+            message = f"request body over this server's limit of {self.limit} bytes"
+            return await _error(413, message, "body_too_large")(scope, receive, send)
+        read = 0
+
+        async def limited():
+            nonlocal read
+            message = await receive()
+            read += len(message.get("body", b""))
+            if read > self.limit:  # FastAPI passes an HTTPException from reading the body through as is
+                raise HTTPException(413, f"request body over this server's limit of {self.limit} bytes")
+            return message
+        await self.app(scope, limited, send)
 
 
 def _error(status: int, message: str, code: str | None, param: str | None = None, kind: str | None = None):

@@ -152,6 +152,61 @@ def test_admin_loads_and_unloads_inside_the_adapter_dir_only(lm):
     assert post(server, "/v1/completions", {"model": "alpha", "prompt": "hi", "max_tokens": 2}).status_code == 200
 
 
+def test_an_oversized_body_gets_413_before_it_is_read_whole(lm):
+    _, bank, _ = lm
+    with BackgroundServer(create_app(bank, max_body_bytes=1000)) as small:
+        big = json.dumps({"model": "alpha", "prompt": "word " * 1000})
+        response = post(small, "/v1/completions", big)
+        assert response.status_code == 413 and response.json()["error"]["code"] == "body_too_large"
+
+        def chunks():  # no Content-Length: counted as it arrives
+            for _ in range(100):
+                yield b" " * 100
+        response = httpx.post(small.url + "/v1/completions", content=chunks(), timeout=60,
+                              headers={"Content-Type": "application/json"})
+        assert response.status_code == 413 and "limit of 1000 bytes" in response.json()["error"]["message"]
+        assert post(small, "/v1/completions", {"model": "alpha", "prompt": "hi", "max_tokens": 2}).status_code == 200
+
+
+def test_the_admin_token_is_checked_before_the_body_and_bearer_is_any_case(lm):
+    server, _, _ = lm
+    response = post(server, "/v1/admin/adapters", "not json at all")
+    assert response.status_code == 401 and "admin token" in response.json()["error"]["message"]
+    response = httpx.delete(server.url + "/v1/admin/adapters/nothing", headers={"Authorization": f"bearer {TOKEN}"})
+    assert response.status_code == 404  # past the token check: no such adapter
+
+
+def test_a_server_error_names_a_request_id_and_nothing_internal(lm, monkeypatch, caplog):
+    server, bank, _ = lm
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("tensor of shape (3, 7) at /secret/path")
+    monkeypatch.setattr(bank, "complete", broken)
+    response = post(server, "/v1/completions", {"model": "alpha", "prompt": "hi", "max_tokens": 2})
+    assert response.status_code == 500
+    message = response.json()["error"]["message"]
+    assert "secret" not in message and "shape" not in message
+    assert response.headers["x-request-id"] in message
+    assert response.headers["x-request-id"] in caplog.text and "/secret/path" in caplog.text
+
+
+def test_a_row_that_breaks_fails_only_its_own_request(lm, monkeypatch):
+    server, bank, _ = lm
+    complete, poison = bank.complete, bank.prompt_ids("poison", "alpha", template=False)
+
+    def fragile(ids, *args, **kwargs):
+        if poison in ids:
+            raise RuntimeError("this row cannot be run")
+        return complete(ids, *args, **kwargs)
+    monkeypatch.setattr(bank, "complete", fragile)
+    with ThreadPoolExecutor(2) as pool:  # within the 300 ms batch wait: one batch
+        bad, good = pool.map(lambda prompt: post(server, "/v1/completions", {
+            "model": "alpha", "prompt": prompt, "max_tokens": 2}), ["poison", "The weather"])
+    assert bad.status_code == 500 and good.status_code == 200, (bad.text, good.text)
+    assert good.json()["choices"][0]["text"] == bank.generate(["The weather"], adapter="alpha", template=False,
+                                                              max_new_tokens=2)[0]
+
+
 def test_admin_is_off_without_a_token(lm):
     _, bank, root = lm
     with BackgroundServer(create_app(bank, adapter_dir=root / "adapters")) as server:
@@ -192,7 +247,7 @@ def test_qa_server(tmp_path):
         bank.load(name, make_adapter(tiny("bert", "qa", vocab_size=tokenizer.vocab_size), spec, tmp_path / name,
                                      seed=i))
     questions, contexts = ["who won?", "where was it?"], ["Arsenal won at Wembley.", "It was in a hall in Paris."]
-    with BackgroundServer(create_app(bank, batch_wait_ms=100)) as server:
+    with BackgroundServer(create_app(bank, batch_wait_ms=100, max_input_tokens=200)) as server:
         jobs = [(name, i) for name in ("squad", "squad2") for i in range(2)]
         with ThreadPoolExecutor(len(jobs)) as pool:
             answers = list(pool.map(lambda j: post(server, "/v1/answer", {
@@ -203,6 +258,11 @@ def test_qa_server(tmp_path):
             assert response.json()["data"][0]["answer"] == want["answer"]
         response = post(server, "/v1/answer", {"model": "squad", "question": ["a", "b"], "context": "c"})
         assert response.status_code == 400 and "2 questions but 1 contexts" in response.json()["error"]["message"]
+        long = post(server, "/v1/answer", {"model": "squad", "question": ["who?"] * 3, "context": ["word " * 100] * 3})
+        assert long.status_code == 400
+        assert "at most 200 per request" in long.json()["error"]["message"], long.text
+        assert post(server, "/v1/answer", {"model": "squad", "question": questions[0], "context": contexts[0]}) \
+            .status_code == 200
 
 
 def test_cli_serve(lm):
