@@ -9,6 +9,7 @@ from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from peftkit.attach import attach
+from peftkit.datasource import check_rows
 from peftkit.errors import PeftkitError
 from peftkit.loading import load_tokenizer
 from peftkit.recipe import Data, Recipe, Train, load_recipe
@@ -141,8 +142,8 @@ def test_qa_max_length_too_short_is_named(bert_tokenizer):
                      "answers": [{"text": ["Some"], "answer_start": [0]}]})
     with pytest.raises(PeftkitError, match="doc_stride 64 must be smaller"):
         qa.prepare(_recipe("qa", max_length=64, doc_stride=64), short, bert_tokenizer)
-    with pytest.raises(PeftkitError, match="no column 'answers'"):
-        qa.prepare(_recipe("qa"), _splits({"question": ["q"], "context": ["c"]}), bert_tokenizer)
+    with pytest.raises(PeftkitError, match="data has no column 'answers'"):  # checked as the data loads
+        check_rows(_splits({"question": ["q"], "context": ["c"]})["train"], qa.columns(_recipe("qa").data), "data")
 
 
 class SpanOracle(nn.Module):
