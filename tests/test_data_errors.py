@@ -15,6 +15,11 @@ def splits_of(path, *overrides):
     return load_splits(load_recipe("sentiment-lora", [f"data.dataset={path}", *overrides]))
 
 
+def refused(path, match):
+    with pytest.raises(PeftkitError, match=match):
+        splits_of(path)
+
+
 def jsonl(path, rows):
     path.write_text("".join(json.dumps(row) + "\n" for row in rows))
     return path
@@ -37,49 +42,40 @@ def test_good_csv_jsonl_and_folder_layouts_load(tmp_path):
 
 def test_a_missing_or_empty_label_names_its_line(tmp_path):
     rows = [*GOOD[:2], {"text": "no label here"}, *GOOD[2:]]
-    with pytest.raises(PeftkitError, match=r"rows.jsonl, line 3: 'label' is missing; every row needs a label"):
-        splits_of(jsonl(tmp_path / "rows.jsonl", rows))
+    refused(jsonl(tmp_path / "rows.jsonl", rows), r"rows.jsonl, line 3: 'label' is missing; every row needs a label")
     blank_line = tmp_path / "blank.jsonl"  # blank lines are skipped, and the count stays on file lines
     blank_line.write_text(json.dumps(GOOD[0]) + "\n\n" + json.dumps({"text": "x", "label": " "}) + "\n")
-    with pytest.raises(PeftkitError, match=r"blank.jsonl, line 3: 'label' is empty"):
-        splits_of(blank_line)
+    refused(blank_line, r"blank.jsonl, line 3: 'label' is empty")
     csv = tmp_path / "rows.csv"
     csv.write_text("text,label\ngood film,1\nbad film,\n")
-    with pytest.raises(PeftkitError, match=r"rows.csv, row 2: 'label' is missing"):
-        splits_of(csv)
+    refused(csv, r"rows.csv, row 2: 'label' is missing")
 
 
 def test_empty_and_non_string_texts_are_refused(tmp_path):
-    with pytest.raises(PeftkitError, match=r"line 2: 'text' is empty; every row needs a non-empty text"):
-        splits_of(jsonl(tmp_path / "a.jsonl", [GOOD[0], {"text": "  ", "label": "fresh"}, *GOOD[1:]]))
-    with pytest.raises(PeftkitError, match=r"line 1: 'text' is a int, not text"):
-        splits_of(jsonl(tmp_path / "b.jsonl", [{"text": 7, "label": "fresh"}, *GOOD]))
+    refused(jsonl(tmp_path / "a.jsonl", [GOOD[0], {"text": "  ", "label": "fresh"}, *GOOD[1:]]),
+            r"line 2: 'text' is empty; every row needs a non-empty text")
+    refused(jsonl(tmp_path / "b.jsonl", [{"text": 7, "label": "fresh"}, *GOOD]), r"line 1: 'text' is a int, not text")
 
 
 def test_empty_header_only_and_undecodable_files(tmp_path):
     empty = tmp_path / "empty.jsonl"
     empty.write_text("\n")
-    with pytest.raises(PeftkitError, match=r"empty.jsonl is empty; it needs one JSON object per line"):
-        splits_of(empty)
+    refused(empty, r"empty.jsonl is empty; it needs one JSON object per line")
     header = tmp_path / "header.csv"
     header.write_text("text,label\n")
-    with pytest.raises(PeftkitError, match=r"header.csv has a header \(text, label\) but no rows"):
-        splits_of(header)
+    refused(header, r"header.csv has a header \(text, label\) but no rows")
     latin = tmp_path / "latin.csv"
     latin.write_bytes("text,label\ngood,1\nd\xe9j\xe0 vu,0\n".encode("latin-1"))
-    with pytest.raises(PeftkitError, match=r"latin.csv is not UTF-8 text: byte 0xe9 at offset 19 \(line 3\)"):
-        splits_of(latin)
+    refused(latin, r"latin.csv is not UTF-8 text: byte 0xe9 at offset 19 \(line 3\)")
 
 
 def test_a_truncated_jsonl_line_names_its_number(tmp_path):
     path = jsonl(tmp_path / "rows.jsonl", GOOD)
     with open(path, "a") as f:
         f.write('{"text": "cut off mid-wr')
-    with pytest.raises(PeftkitError, match=r"rows.jsonl, line 41: not valid JSON \(Unterminated string"):
-        splits_of(path)
+    refused(path, r"rows.jsonl, line 41: not valid JSON \(Unterminated string")
     path.write_text(json.dumps(GOOD[0]) + "\n[1, 2]\n")
-    with pytest.raises(PeftkitError, match=r"line 2: a JSON list, not an object"):
-        splits_of(path)
+    refused(path, r"line 2: a JSON list, not an object")
 
 
 def test_the_command_says_it_in_one_line_and_writes_no_run(tmp_path):
