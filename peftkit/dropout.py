@@ -1,26 +1,36 @@
-"""Dropout at half the cost of PyTorch's on a CPU: a quarter of the random draws.
+"""Dropout at a fraction of the cost of PyTorch's on a CPU.
 
     swap_in_fast_dropout(model)   # every nn.Dropout of the model, for CPU training
 
 PyTorch's CPU dropout draws one Bernoulli sample per element from its Mersenne
-Twister, which made the dropouts a large share of a MiniLM LoRA step once bf16
-made the matmuls fast (benchmarks/results/cpu-kernels-cpu.md times both). No
-library offers a cheaper CPU dropout, hence this one: it draws 64 random bits at a
-time from the same seeded generator and cuts them into four 16-bit uniforms, and
-keeps an element when its uniform is at or above round(p * 65536) / 65536, within
-1e-5 of p. The elements stay independent, the kept ones are scaled by 1 / (1 - p)
-as usual, and `torch.manual_seed` reproduces the masks. Evaluation is untouched
-(dropout is the identity there), and so are CUDA tensors, whose dropout is cheap.
+Twister (Intel CPUs get MKL's generator; others do not), and multiplying a bf16
+tensor by a boolean mask converts the mask element by element, unvectorized. Once
+bf16 made the matmuls fast, the 26 dropouts of a MiniLM LoRA step cost a fifth of
+it (benchmarks/results/cpu-kernels-cpu.md times both). No library offers a cheaper
+CPU dropout, hence this one:
+- it draws 64 random bits at a time from the same seeded generator and cuts them
+  into four 16-bit integers, of which 15 bits make a uniform draw; an element is kept
+  when its draw is at or above round(p * 32768), so the drop rate is within 2e-5 of p;
+- the mask is built in x's own dtype (exact 0 and 1) with vectorized integer
+  operations that write the bit pattern of 1.0 directly, so the multiplies stay in
+  one dtype.
+The elements stay independent, kept ones are scaled by 1 / (1 - p) as usual, and
+`torch.manual_seed` reproduces the masks. Evaluation is untouched (dropout is the
+identity there), and so are CUDA tensors, whose dropout is cheap.
 """
 import torch
 from torch import nn
 
-LEVELS = 1 << 16  # the resolution of each uniform draw
+LEVELS = 1 << 15  # the resolution of each uniform draw
+# The integer type each float type's mask is built in, of the same width, so the bits of 1.0 can be written
+SAME_WIDTH_INT = {torch.bfloat16: torch.int16, torch.float16: torch.int16, torch.float32: torch.int32,
+                  torch.float64: torch.int64}
 
 
 class FastDropout(nn.Dropout):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training or self.p == 0.0 or x.device.type != "cpu" or not x.is_floating_point():
+        if (not self.training or self.p == 0.0 or x.device.type != "cpu"
+                or x.dtype not in SAME_WIDTH_INT):
             return super().forward(x)
         if self.p == 1.0:
             return x * 0.0
@@ -28,9 +38,8 @@ class FastDropout(nn.Dropout):
 
 
 class _Masked(torch.autograd.Function):
-    """x * keep * scale, keeping only the boolean mask for backward (one byte an element, as
-    PyTorch's own dropout keeps), not a mask in x's dtype. The scale applies as a float after
-    the mask: 1 / 0.9 rounded to bf16 first would be 0.2% off."""
+    """x * keep * scale. The scale applies as a float after the mask: 1 / 0.9 rounded to bf16
+    first would be 0.2% off."""
 
     @staticmethod
     def forward(ctx, x, keep, scale):
@@ -45,12 +54,19 @@ class _Masked(torch.autograd.Function):
 
 
 def keep_mask(x: torch.Tensor, p: float) -> torch.Tensor:
-    """A boolean tensor of x's shape: True where an element is kept, False (probability p) where dropped."""
+    """A tensor of x's shape and dtype: 1.0 where an element is kept, 0.0 (probability p) where dropped."""
     n = x.numel()
     bits = torch.empty((n + 3) // 4, dtype=torch.int64).random_(-2 ** 63, None)  # full 64-bit range
-    uniform = bits.view(torch.int16)[:n].view(x.shape)  # four independent uniforms in [-32768, 32767]
-    threshold = -LEVELS // 2 + round(p * LEVELS)
-    return uniform >= threshold
+    draws = bits.view(torch.int16)[:n].view(x.shape)  # four independent 16-bit integers per draw
+    int_type = SAME_WIDTH_INT[x.dtype]
+    one = torch.ones((), dtype=x.dtype).view(int_type).item()  # the bit pattern of 1.0
+    uniform = draws.to(int_type) if int_type != torch.int16 else draws
+    uniform &= LEVELS - 1  # 15 bits: [0, 32767], so subtracting the threshold cannot overflow
+    uniform -= round(p * LEVELS)
+    uniform >>= uniform.element_size() * 8 - 1  # the sign: -1 (all bits set) where dropped, 0 where kept
+    uniform.bitwise_not_()  # all bits set where kept, 0 where dropped
+    uniform &= one
+    return uniform.view(x.dtype)
 
 
 def swap_in_fast_dropout(model) -> int:

@@ -160,7 +160,7 @@ def test_fast_dropout_drops_with_probability_p_and_keeps_the_mean():
 
 def test_fast_dropout_masks_are_independent_across_the_four_cuts_of_a_draw():
     torch.manual_seed(1)
-    mask = keep_mask(torch.ones(400_000), 0.5).float().view(-1, 4)
+    mask = keep_mask(torch.ones(400_000), 0.5).view(-1, 4)
     kept = mask.mean(0)
     assert torch.all((kept - 0.5).abs() < 0.01)
     together = (mask[:, 0] * mask[:, 1]).mean().item()  # independent halves: a quarter kept in both
