@@ -21,7 +21,6 @@ Base weights are loaded once and never copied; an adapter costs the tensors of i
 """
 import math
 import re
-import threading
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,13 +28,16 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers import LogitsProcessorList, StoppingCriteriaList
 from transformers.pytorch_utils import Conv1D
 
 from .attach import BOTTLENECK, base_name, task_heads, tuner
+from .decoding import RowSampler, Sequence, Watch
 from .errors import PeftkitError
 from .fingerprint import check_same_base, fingerprint
 from .loading import load_model, load_tokenizer
 from .saving import WEIGHTS, adapter_info, read_adapter_config, read_weights
+from .turns import Turns
 
 TASKS = {"ForCausalLM": "causal-lm", "LMHeadModel": "causal-lm", "ForSequenceClassification": "classification",
          "ForQuestionAnswering": "qa"}
@@ -86,7 +88,7 @@ class AdapterBank:
             setattr(base, head, self.heads[head])
         self.entries: dict[str, Entry] = {}
         self.batch_size = batch_size
-        self.lock = threading.RLock()  # one call at a time: the selection is per call
+        self.lock = Turns()  # one call at a time (the selection is per call), in the order they came
         self._lora_now = None  # while a call runs: {module path: (A, B)} for the rows' LoRA adapters
         self._hooks = {}  # module path -> [hook handle, number of adapters using it]
 
@@ -192,7 +194,7 @@ class AdapterBank:
         rows = self._rows(adapter, len(prompts))
         ids = [self.prompt_ids(p, n, template) for p, n in zip(prompts, rows)]
         limits = [max_new_tokens or self._setting(n, "max_new_tokens") for n in rows]
-        out = self.complete(ids, rows, limits)
+        out = [{**o, "text": o["text"].strip()} for o in self.complete(ids, rows, limits)]
         return out if details else [o["text"] for o in out]
 
     def chat(self, conversations, adapter=None, max_new_tokens: int | None = None, details: bool = False) -> list:
@@ -200,7 +202,8 @@ class AdapterBank:
         self._need("causal-lm", "chat")
         rows = self._rows(adapter, len(conversations))
         ids = [self.chat_ids(c) for c in conversations]
-        out = self.complete(ids, rows, [max_new_tokens or self._setting(n, "max_new_tokens") for n in rows])
+        limits = [max_new_tokens or self._setting(n, "max_new_tokens") for n in rows]
+        out = [{**o, "text": o["text"].strip()} for o in self.complete(ids, rows, limits)]
         return out if details else [o["text"] for o in out]
 
     def prompt_ids(self, prompt: str, adapter: str | None, template: bool = True) -> list[int]:
@@ -217,31 +220,47 @@ class AdapterBank:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
     def complete(self, ids: list[list[int]], adapters: list, max_new_tokens: list[int]) -> list[dict]:
-        """Greedy continuations of token-id prompts, one adapter and token limit per row, in
-        batches of batch_size rows (left padded) whatever adapters the rows use."""
+        """Greedy continuations of token-id prompts, one adapter and token limit per row:
+        {"text", "prompt_tokens", "completion_tokens", "finish_reason"} each."""
+        seqs = [Sequence(i, adapter=a, max_tokens=n) for i, a, n in zip(ids, adapters, max_new_tokens)]
+        self.decode(seqs)
+        return [s.result() for s in seqs]
+
+    def decode(self, seqs: list[Sequence], between_steps=None) -> None:
+        """Generate for each Sequence (its own adapter, limits, sampling and stop strings), in batches
+        of batch_size rows (left padded) whatever adapters the rows use. `between_steps` runs after
+        each token step of a batch; a server passes other requests the model there (the lock's
+        pass_turn), after which this batch's adapters are selected again."""
         from .tasks.generation import CausalCollator
         self._need("causal-lm", "generate")
+        self._rows([s.adapter for s in seqs], len(seqs))
         pad = self.tokenizer.pad_token_id
         eos = {self.tokenizer.eos_token_id}
         config_eos = getattr(self.model.generation_config, "eos_token_id", None)
         eos |= set(config_eos if isinstance(config_eos, list) else [config_eos])
         eos.discard(None)
-        out = []
-        for start in range(0, len(ids), self.batch_size):
-            chunk = slice(start, start + self.batch_size)
-            batch = CausalCollator(pad, side="left")([{"input_ids": i, "attention_mask": [1] * len(i)}
-                                                      for i in ids[chunk]])
-            width = batch["input_ids"].shape[1]
-            new = self.generate_ids(adapters[chunk], **{k: v.to(self.model.device) for k, v in batch.items()},
-                                    max_new_tokens=max(max_new_tokens[chunk]), pad_token_id=pad,
-                                    eos_token_id=sorted(eos))[:, width:].tolist()
-            for prompt, tokens, limit in zip(ids[chunk], new, max_new_tokens[chunk]):
-                stop = next((i for i, t in enumerate(tokens[:limit]) if t in eos), None)
-                kept = tokens[:limit] if stop is None else tokens[:stop]
-                out.append({"text": self.tokenizer.decode(kept, skip_special_tokens=True).strip(),
-                            "prompt_tokens": len(prompt), "completion_tokens": len(kept) + (stop is not None),
-                            "finish_reason": "length" if stop is None else "stop"})
-        return out
+        for start in range(0, len(seqs), self.batch_size):
+            chunk = [s for s in seqs[start:start + self.batch_size] if not s.cancelled()]
+            for s in seqs[start:start + self.batch_size]:
+                s.finish_reason = s.finish_reason or ("cancelled" if s not in chunk else None)
+            if not chunk:
+                continue
+            rows = [s.adapter for s in chunk]
+            batch = CausalCollator(pad, side="left")([{"input_ids": s.prompt, "attention_mask": [1] * len(s.prompt)}
+                                                      for s in chunk])
+
+            def pass_turn(rows=rows):
+                self.lock.pass_turn()
+                self._rows(rows, len(rows))  # an adapter unloaded meanwhile fails this batch clearly
+                self._select(rows)
+            watch = Watch(chunk, self.tokenizer, eos, pass_turn if between_steps is None else
+                          lambda: (between_steps(), pass_turn()))
+            self.generate_ids(rows, **{k: v.to(self.model.device) for k, v in batch.items()},
+                              max_new_tokens=max(s.max_tokens for s in chunk), pad_token_id=pad,
+                              eos_token_id=sorted(eos), logits_processor=LogitsProcessorList([RowSampler(chunk)]),
+                              stopping_criteria=StoppingCriteriaList([watch]))
+            for s in chunk:  # the watch ends every row itself; this only covers generate stopping first
+                s.finish_reason = s.finish_reason or "length"
 
     def classify(self, texts, adapter) -> list[dict]:
         """{"label", "score", "scores"} per text, each scored by its row's adapter."""

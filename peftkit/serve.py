@@ -1,47 +1,68 @@
 """`peftkit serve`: an AdapterBank behind an OpenAI-style HTTP API (FastAPI + uvicorn).
 
-    POST   /v1/completions        {"model": ADAPTER | BASE, "prompt": str | [str], "max_tokens": n}
-    POST   /v1/chat/completions   {"model": ADAPTER | BASE, "messages": [{"role", "content"}], "max_tokens": n}
+    POST   /v1/completions        {"model": ADAPTER | BASE, "prompt": str | [str], "max_tokens": n, ...}
+    POST   /v1/chat/completions   {"model": ADAPTER | BASE, "messages": [{"role", "content"}], ...}
     POST   /v1/classify           {"model": ADAPTER, "input": str | [str]}
     POST   /v1/answer             {"model": ADAPTER, "question": str | [str], "context": str | [str]}
     GET    /v1/models             the base model and the loaded adapters
     POST   /v1/admin/adapters     {"name": NAME, "path": DIR under --adapter-dir}    } Authorization: Bearer TOKEN;
     DELETE /v1/admin/adapters/NAME                                                    } off without a token
 
-`model` names an adapter; the base model's name selects none. Decoding is greedy. Requests from
-concurrent clients wait in one queue: a worker thread takes up to max_batch rows of one kind at a
-time, whatever adapters they name, runs them as one batch and hands each request its own rows.
-Bad requests get a 4xx with {"error": {"message", "type", "code", "param"}}; the server goes on.
-A body over max_body_bytes is refused with 413 before it is read whole. A 500 says only its
-request id (also in the x-request-id header); the traceback goes to the server's log.
+`model` names an adapter; the base model's name selects none. The completion endpoints take
+OpenAI's `stream` (server-sent events, with `stream_options.include_usage`), `temperature`,
+`top_p`, `seed`, `n`, `stop` and `max_tokens`; without a temperature they decode greedily (OpenAI's
+default is 1). Parameters the server cannot honour (`logprobs`, `tools`, `response_format`,
+penalties, ...) get a 400 that names them, never silent neglect.
+
+Concurrent requests share the model fairly. A dispatcher thread groups waiting requests of one
+kind (up to max_batch rows, whatever adapters they name) into batches, and worker threads run
+the batches in turns: the bank's lock is granted in arrival order and a generating batch passes
+it on after every token, a classify or answer batch after every chunk of rows, so a small request
+waits for one step of each batch ahead of it, never for a whole long one. A client that
+disconnects (or stops reading a stream) has its rows end at the next step; their batch-mates go on.
+Bad requests get a 4xx with {"error": {"message", "type", "code", "param"}}. A body over
+max_body_bytes gets 413 before it is read whole. A 500 says only its request id (also in the
+x-request-id header); the traceback goes to the server's log.
 """
 import asyncio
 import concurrent.futures
 import hmac
+import json
 import logging
 import queue
 import socket
 import threading
 import time
 import uuid
-from collections import deque
+from collections import Counter, deque
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import uvicorn
 from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from .decoding import Sequence
 from .errors import PeftkitError
 
 
 log = logging.getLogger("peftkit.serve")
 MAX_BODY_BYTES = 4 * 2**20  # 64 QA contexts of 50 KB fit; a 20 MB upload does not
+WORKERS = 4  # batches that may be under way at once, taking turns on the model
+# OpenAI parameters this server does not implement: a request that sets one (to anything but its
+# do-nothing value) is refused, naming it, rather than answered as if it had not asked
+UNSUPPORTED = ("logprobs", "top_logprobs", "logit_bias", "frequency_penalty", "presence_penalty",
+               "repetition_penalty", "tools", "tool_choice", "functions", "function_call", "parallel_tool_calls",
+               "response_format", "best_of", "echo", "suffix", "modalities", "audio", "prediction",
+               "reasoning_effort", "web_search_options", "min_p", "top_k")
+DO_NOTHING = (None, False, 0, [], {}, "none", {"type": "text"})
+HARMLESS = ("user", "metadata", "store", "service_tier")  # bookkeeping for OpenAI's side; nothing to do here
 
 
 class ApiError(Exception):
@@ -53,15 +74,19 @@ class ApiError(Exception):
 # ---------------------------------------------------------------------------- request bodies
 
 class Body(BaseModel):
-    model_config = ConfigDict(extra="ignore")  # OpenAI clients send more (user, top_p, ...)
+    model_config = ConfigDict(extra="ignore")
     model: str
 
 
 class Sampling(Body):
+    model_config = ConfigDict(extra="allow")  # checked by check_parameters: unsupported ones are refused
     max_tokens: int | None = Field(default=None, ge=1)
-    temperature: float | None = Field(default=None, ge=0)
-    n: int = 1
+    temperature: float | None = Field(default=None, ge=0, le=2)
+    top_p: float | None = Field(default=None, gt=0, le=1)
+    seed: int | None = None
+    n: int = Field(default=1, ge=1)
     stream: bool = False
+    stream_options: dict | None = None
     stop: str | list[str] | None = None
 
 
@@ -70,7 +95,7 @@ class CompletionBody(Sampling):
 
 
 class Message(BaseModel):
-    role: str
+    role: Literal["system", "developer", "user", "assistant"]
     content: str | list[dict]
 
 
@@ -99,21 +124,26 @@ class LoadBody(BaseModel):
 class Job:
     kind: str  # complete | chat | classify | answer
     adapter: str | None
-    rows: list  # per row: a prompt, a conversation, a text, or (question, context)
-    max_tokens: int = 0
+    rows: list  # per row: a Sequence (generation), a text, or (question, context)
     future: concurrent.futures.Future = field(default_factory=concurrent.futures.Future)
+    cancelled: bool = False  # the client went away: rows not yet run are skipped, generation ends
 
 
 class Batcher:
-    """One worker thread runs the bank. It takes the oldest waiting job, then for up to `wait_s`
-    more jobs of the same kind (complete and chat batch together), up to `max_batch` rows."""
+    """A dispatcher thread takes the oldest waiting job, then for up to `wait_s` more jobs of the
+    same family (complete and chat batch together), up to `max_batch` rows, and hands the batch
+    to a worker; workers take turns on the model through the bank's lock."""
 
-    def __init__(self, bank, max_batch: int, wait_s: float, max_prompt_tokens: int, max_input_tokens: int):
+    def __init__(self, bank, max_batch: int, wait_s: float, max_prompt_tokens: int, max_input_tokens: int,
+                 workers: int = WORKERS):
         self.bank, self.max_batch, self.wait_s, self.max_prompt_tokens = bank, max_batch, wait_s, max_prompt_tokens
         self.max_input_tokens = max_input_tokens
         self.queue = queue.Queue()
-        self.history = deque(maxlen=1000)  # (kind, rows, adapters) of recent batches
-        self.thread = threading.Thread(target=self._loop, name="peftkit-batcher", daemon=True)
+        self.history = deque(maxlen=1000)  # (family, rows, adapters) of recent batches
+        self.in_use = Counter()  # adapter -> batches under way that use it (unload refuses while any)
+        self.counting = threading.Lock()
+        self.workers = concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="peftkit-batch")
+        self.thread = threading.Thread(target=self._loop, name="peftkit-dispatcher", daemon=True)
         self.thread.start()
 
     def submit(self, job: Job) -> concurrent.futures.Future:
@@ -123,6 +153,7 @@ class Batcher:
     def close(self) -> None:
         self.queue.put(None)
         self.thread.join(timeout=60)
+        self.workers.shutdown(wait=True, cancel_futures=True)
 
     def _loop(self) -> None:
         waiting = deque()
@@ -144,89 +175,130 @@ class Batcher:
                     waiting.append(job)
                     if job is None:
                         break
-            try:
-                self._run(jobs)
-            except Exception as err:  # never let the worker die: fail what is left of this batch
-                for job in jobs:
-                    if not job.future.done():
-                        job.future.set_exception(err)
+            used = {job.adapter for job in jobs}
+            with self.counting:
+                self.in_use.update(used)
+            self.workers.submit(self._run_safely, jobs, used)
+
+    def _run_safely(self, jobs: list[Job], used: set) -> None:
+        try:
+            self._run(jobs)
+        except Exception as err:  # never leave a client hanging: fail what is left of this batch
+            for job in jobs:
+                if not job.future.done():
+                    job.future.set_exception(err)
+        finally:
+            with self.counting:
+                self.in_use.subtract(used)
+            for job in jobs:  # cancelled before their turn came
+                if not job.future.done():
+                    job.future.set_exception(ApiError(499, "the client closed the request", "client_closed"))
 
     def _run(self, jobs: list[Job]) -> None:
-        bank = self.bank
-        with bank.lock:  # nothing loads or unloads between these checks and the batch
-            live = []
-            for job in jobs:
-                if job.adapter is not None and job.adapter not in bank:
-                    job.future.set_exception(ApiError(404, f"adapter {job.adapter!r} was unloaded", "model_not_found",
-                                                      "model"))
-                elif _family(job) == "generate" and not self._tokenize(job):
-                    continue
-                elif _family(job) != "generate" and not self._within_input_limit(job):
-                    continue
-                else:
-                    live.append(job)
-            if not live:
+        live = [job for job in jobs if not job.cancelled and self._still_loaded(job)]
+        if not live:
+            return
+        adapters = [job.adapter for job in live for _ in job.rows]
+        self.history.append((_family(live[0]), len(adapters), sorted(set(map(str, adapters)))))
+        try:
+            if _family(live[0]) == "generate":  # each job answered as soon as its own rows are done
+                self.bank.decode([seq for job in live for seq in job.rows], between_steps=lambda: _settle(live))
+                _settle(live)
                 return
-            adapters = [job.adapter for job in live for _ in job.rows]
-            self.history.append((_family(live[0]), len(adapters), sorted(set(map(str, adapters)))))
-            try:
-                if _family(live[0]) == "generate":
-                    results = bank.complete([ids for job in live for ids in job.ids], adapters,
-                                            [job.max_tokens for job in live for _ in job.rows])
-                elif live[0].kind == "classify":
-                    results = bank.classify([text for job in live for text in job.rows], adapters)
-                else:
-                    results = bank.answer([q for job in live for q, _ in job.rows],
-                                          [c for job in live for _, c in job.rows], adapters)
-            except Exception as err:
-                if len(live) > 1:  # run each request alone: only the one that breaks fails
-                    for job in live:
-                        self._run([job])
-                else:
-                    live[0].future.set_exception(err)
-                return
+            else:
+                results = self._in_chunks(live)
+        except Exception as err:
+            unsent = [job for job in live if not job.future.done()]
+            again = [job for job in unsent if len(live) > 1 and _can_restart(job)]
+            for job in unsent:
+                if job not in again:
+                    job.future.set_exception(err)
+            for job in again:  # run each request alone: only the one that breaks fails
+                for row in job.rows if _family(job) == "generate" else ():
+                    row.restart()
+                self._run([job])
+            return
         start = 0
         for job in live:
-            job.future.set_result(results[start:start + len(job.rows)])
+            if not job.future.done():
+                job.future.set_result(results[start:start + len(job.rows)])
             start += len(job.rows)
 
-    def _tokenize(self, job: Job) -> bool:
-        """Token ids of a generation job's rows (in this thread: the tokenizer is not thread-safe),
-        or False after failing the job when a prompt is too long."""
-        try:
-            if job.kind == "chat":
-                job.ids = [self.bank.chat_ids(messages) for messages in job.rows]
+    def _in_chunks(self, jobs: list[Job]) -> list:
+        """Classify or answer the jobs' rows a chunk (the bank's batch size) at a time, each chunk in
+        its own turn on the model, skipping the rows of jobs cancelled meanwhile."""
+        rows = [(job, row) for job in jobs for row in job.rows]
+        results = []
+        for start in range(0, len(rows), self.bank.batch_size):
+            part = rows[start:start + self.bank.batch_size]
+            todo = [i for i, (job, _) in enumerate(part) if not job.cancelled]
+            out = []
+            if todo:
+                with self.bank.lock:  # the tokenizer is not thread-safe either: it runs inside the turn too
+                    texts, names = [part[i][1] for i in todo], [part[i][0].adapter for i in todo]
+                    out = (self.bank.classify(texts, names) if jobs[0].kind == "classify" else
+                           self.bank.answer([q for q, _ in texts], [c for _, c in texts], names))
+            done = dict(zip(todo, out))
+            results += [done.get(i) for i in range(len(part))]
+        return results
+
+    def _still_loaded(self, job: Job) -> bool:
+        if job.adapter is None or job.adapter in self.bank:
+            return True
+        job.future.set_exception(ApiError(404, f"adapter {job.adapter!r} was unloaded", "model_not_found", "model"))
+        return False
+
+    def prepare(self, job: Job) -> None:
+        """Check a job before it is queued (in a worker thread, inside a turn: the tokenizer is not
+        thread-safe): generation prompts tokenized and within the context, classify and answer
+        texts within max_input_tokens. Raises ApiError."""
+        with self.bank.lock:
+            if _family(job) == "generate":
+                self._tokenize(job)
             else:
-                job.ids = [self.bank.prompt_ids(prompt, job.adapter, template=False) for prompt in job.rows]
+                self._check_input_tokens(job)
+
+    def _tokenize(self, job: Job) -> None:
+        try:
+            for seq in job.rows:
+                if job.kind == "chat":
+                    seq.prompt = self.bank.chat_ids(seq.prompt)
+                else:
+                    seq.prompt = self.bank.prompt_ids(seq.prompt, job.adapter, template=False)
         except Exception as err:  # e.g. a chat template that rejects the roles given
-            job.future.set_exception(ApiError(400, f"could not build the prompt: {err}", "invalid_prompt"))
-            return False
+            raise ApiError(400, f"could not build the prompt: {err}", "invalid_prompt") from None
         context = getattr(self.bank.model.config, "max_position_embeddings", None) or 10 ** 9
-        for i, ids in enumerate(job.ids):
-            limit = min(self.max_prompt_tokens, context - job.max_tokens)
-            if len(ids) > limit:
-                job.future.set_exception(ApiError(
-                    400, f"prompt {i} has {len(ids)} tokens; with max_tokens {job.max_tokens} this server takes at "
-                    f"most {limit} prompt tokens (max prompt {self.max_prompt_tokens}, context {context})",
-                    "context_length_exceeded", "prompt" if job.kind == "complete" else "messages"))
-                return False
-        return True
+        for i, seq in enumerate(job.rows):
+            limit = min(self.max_prompt_tokens, context - seq.max_tokens)
+            if len(seq.prompt) > limit:
+                raise ApiError(
+                    400, f"prompt {i} has {len(seq.prompt)} tokens; with max_tokens {seq.max_tokens} this server "
+                    f"takes at most {limit} prompt tokens (max prompt {self.max_prompt_tokens}, context {context})",
+                    "context_length_exceeded", "prompt" if job.kind == "complete" else "messages")
 
-
-    def _within_input_limit(self, job: Job) -> bool:
+    def _check_input_tokens(self, job: Job) -> None:
         """A classify or answer request's texts (questions and contexts) hold at most max_input_tokens
-        tokens in all: one request's 50 long contexts would hold the model while others wait.
-        False after failing the job."""
+        tokens in all, so that one request's turns on the model are bounded too."""
         texts = [part for row in job.rows for part in (row if isinstance(row, tuple) else (row,))]
         counts = self.bank.tokenizer(texts, add_special_tokens=False)["input_ids"]
         total = sum(map(len, counts))
         if total > self.max_input_tokens:
-            job.future.set_exception(ApiError(
+            raise ApiError(
                 400, f"the request's texts hold {total} tokens; this server takes at most {self.max_input_tokens} "
                 "per request (split it into several requests)", "too_many_tokens",
-                "context" if job.kind == "answer" else "input"))
-            return False
-        return True
+                "context" if job.kind == "answer" else "input")
+
+
+def _can_restart(job: Job) -> bool:
+    """Whether a job can run again from the start: nothing of it has been streamed to its client yet."""
+    return _family(job) != "generate" or not any(seq.streamed for seq in job.rows)
+
+
+def _settle(jobs: list[Job]) -> None:
+    """Answer each generation job whose rows have all finished."""
+    for job in jobs:
+        if not job.future.done() and all(seq.finish_reason for seq in job.rows):
+            job.future.set_result([seq.result() for seq in job.rows])
 
 
 def _family(job) -> str:
@@ -301,24 +373,86 @@ def create_app(bank, *, adapter_dir=None, admin_token: str | None = None, max_ba
                            "wrong_task", "model")
         return model
 
-    def limit_tokens(body: Sampling, requested: int | None, default: int) -> int:
-        if body.stream:
-            raise ApiError(400, "stream=true is not supported; ask without streaming", "unsupported", "stream")
-        if body.n != 1:
-            raise ApiError(400, f"n={body.n}: this server returns one choice per prompt", "unsupported", "n")
-        if body.temperature not in (None, 0):
-            raise ApiError(400, f"temperature {body.temperature}: this server decodes greedily; leave temperature "
-                           "out or set it to 0", "unsupported", "temperature")
+    def token_limit(body: Sampling, requested: int | None, default: int) -> int:
+        check_parameters(body)
         requested = requested or default
         if requested > max_tokens:
             raise ApiError(400, f"max_tokens {requested} is above this server's limit of {max_tokens}",
                            "context_length_exceeded", "max_tokens")
         return requested
 
-    async def run(job: Job) -> list:
+    def generation_job(kind: str, body: Sampling, adapter: str | None, prompts: list, n_tokens: int) -> Job:
+        """One Sequence per prompt and choice (n), prompts still as text or messages (prepare tokenizes)."""
+        stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+        if len(stops) > 4 or not all(stops):
+            raise ApiError(400, "stop takes up to 4 non-empty strings", "invalid_body", "stop")
+        job = Job(kind, adapter, [])
+        job.rows = [Sequence(prompt, adapter, max_tokens=n_tokens, temperature=body.temperature or 0.0,
+                             top_p=body.top_p or 1.0, seed=None if body.seed is None else body.seed + i,
+                             stop=tuple(stops), cancelled=lambda: job.cancelled)
+                    for i, prompt in enumerate(p for p in prompts for _ in range(body.n))]
+        return job
+
+    async def run(request: Request, job: Job) -> list:
+        """The job's results; a client that disconnects while it waits has its job cancelled."""
         if not 1 <= len(job.rows) <= max_inputs:
-            raise ApiError(400, f"got {len(job.rows)} inputs; send 1 to {max_inputs} per request", "invalid_body")
-        return await asyncio.wrap_future(batcher.submit(job))
+            raise ApiError(400, f"got {len(job.rows)} inputs (counting n choices each); send 1 to {max_inputs} "
+                           "per request", "invalid_body")
+        await run_in_threadpool(batcher.prepare, job)
+        future = asyncio.wrap_future(batcher.submit(job))
+        while True:
+            try:
+                return await asyncio.wait_for(asyncio.shield(future), timeout=0.25)
+            except asyncio.TimeoutError:
+                if await request.is_disconnected():
+                    job.cancelled = True
+                    raise ApiError(499, "the client closed the request", "client_closed") from None
+
+    async def stream(request: Request, job: Job, body: Sampling) -> StreamingResponse:
+        """Server-sent events as OpenAI streams them: text pieces as they are decoded, then each
+        choice's finish_reason, usage when stream_options.include_usage asks for it, then [DONE]."""
+        if not 1 <= len(job.rows) <= max_inputs:
+            raise ApiError(400, f"got {len(job.rows)} inputs (counting n choices each); send 1 to {max_inputs} "
+                           "per request", "invalid_body")
+        await run_in_threadpool(batcher.prepare, job)  # a bad prompt still gets its 4xx, before the stream
+        loop, events = asyncio.get_running_loop(), asyncio.Queue()
+        for index, seq in enumerate(job.rows):
+            seq.on_text = lambda text, index=index: loop.call_soon_threadsafe(events.put_nowait, (index, text))
+        chat = job.kind == "chat"
+        head = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}",
+                "object": "chat.completion.chunk" if chat else "text_completion",
+                "created": int(time.time()), "model": body.model}
+
+        def chunk(index: int, text: str | None, finish: str | None) -> str:
+            if chat:
+                delta = {} if text is None else {"content": text}
+                choice = {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}
+            else:
+                choice = {"index": index, "text": text or "", "logprobs": None, "finish_reason": finish}
+            return _event({**head, "choices": [choice]})
+
+        async def events_out():
+            future = batcher.submit(job)
+            future.add_done_callback(lambda _: loop.call_soon_threadsafe(events.put_nowait, None))
+            try:
+                if chat:
+                    for index in range(len(job.rows)):
+                        yield _event({**head, "choices": [{"index": index, "delta": {"role": "assistant", "content": ""},
+                                                          "logprobs": None, "finish_reason": None}]})
+                while (item := await events.get()) is not None:
+                    yield chunk(*item, None)
+                if future.exception() is not None:
+                    yield _event(_error_body(future.exception()))
+                else:
+                    for index, seq in enumerate(job.rows):
+                        yield chunk(index, None, seq.finish_reason)
+                    if (body.stream_options or {}).get("include_usage"):
+                        yield _event({**head, "choices": [], "usage": _usage([s.result() for s in job.rows])})
+                yield "data: [DONE]\n\n"
+            finally:
+                job.cancelled = True  # a client gone mid-stream: its rows end at the next step
+
+        return StreamingResponse(events_out(), media_type="text/event-stream")
 
     @app.get("/v1/models")
     async def models():
@@ -331,43 +465,49 @@ def create_app(bank, *, adapter_dir=None, admin_token: str | None = None, max_ba
         return {"object": "list", "data": data}
 
     @app.post("/v1/completions")
-    async def completions(body: CompletionBody):
+    async def completions(body: CompletionBody, request: Request):
         adapter = adapter_for(body.model, "causal-lm", "/v1/completions")
-        n_tokens = limit_tokens(body, body.max_tokens, default=min(16, max_tokens))  # OpenAI's default
+        n_tokens = token_limit(body, body.max_tokens, default=min(16, max_tokens))  # OpenAI's default
         prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
-        results = await run(Job("complete", adapter, prompts, n_tokens))
-        choices = [{"index": i, "text": _stop(r, body.stop)["text"], "finish_reason": r["finish_reason"],
-                    "logprobs": None} for i, r in enumerate(results)]
+        job = generation_job("complete", body, adapter, prompts, n_tokens)
+        if body.stream:
+            return await stream(request, job, body)
+        results = await run(request, job)
+        choices = [{"index": i, "text": r["text"], "finish_reason": r["finish_reason"], "logprobs": None}
+                   for i, r in enumerate(results)]
         return {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
                 "model": body.model, "choices": choices, "usage": _usage(results)}
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(body: ChatBody):
+    async def chat_completions(body: ChatBody, request: Request):
         adapter = adapter_for(body.model, "causal-lm", "/v1/chat/completions")
-        n_tokens = limit_tokens(body, body.max_completion_tokens or body.max_tokens, default=max_tokens)
-        messages = [{"role": m.role, "content": _text(m.content)} for m in body.messages]
-        [result] = await run(Job("chat", adapter, [messages], n_tokens))
-        result = _stop(result, body.stop)
+        n_tokens = token_limit(body, body.max_completion_tokens or body.max_tokens, default=max_tokens)
+        messages = [{"role": "system" if m.role == "developer" else m.role, "content": _text(m.content)}
+                    for m in body.messages]
+        job = generation_job("chat", body, adapter, [messages], n_tokens)
+        if body.stream:
+            return await stream(request, job, body)
+        results = await run(request, job)
         return {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
-                "model": body.model, "usage": _usage([result]),
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": result["text"]},
-                             "finish_reason": result["finish_reason"]}]}
+                "model": body.model, "usage": _usage(results),
+                "choices": [{"index": i, "message": {"role": "assistant", "content": r["text"]}, "logprobs": None,
+                             "finish_reason": r["finish_reason"]} for i, r in enumerate(results)]}
 
     @app.post("/v1/classify")
-    async def classify(body: ClassifyBody):
+    async def classify(body: ClassifyBody, request: Request):
         adapter = adapter_for(body.model, "classification", "/v1/classify")
         texts = [body.input] if isinstance(body.input, str) else body.input
-        results = await run(Job("classify", adapter, texts))
+        results = await run(request, Job("classify", adapter, texts))
         return {"object": "list", "model": body.model, "data": [{"index": i, **r} for i, r in enumerate(results)]}
 
     @app.post("/v1/answer")
-    async def answer(body: AnswerBody):
+    async def answer(body: AnswerBody, request: Request):
         adapter = adapter_for(body.model, "qa", "/v1/answer")
         questions = [body.question] if isinstance(body.question, str) else body.question
         contexts = [body.context] if isinstance(body.context, str) else body.context
         if len(questions) != len(contexts):
             raise ApiError(400, f"{len(questions)} questions but {len(contexts)} contexts", "invalid_body", "context")
-        results = await run(Job("answer", adapter, list(zip(questions, contexts))))
+        results = await run(request, Job("answer", adapter, list(zip(questions, contexts))))
         return {"object": "list", "model": body.model, "data": [{"index": i, **r} for i, r in enumerate(results)]}
 
     def check_admin(request: Request) -> None:
@@ -406,6 +546,9 @@ def create_app(bank, *, adapter_dir=None, admin_token: str | None = None, max_ba
     async def unload_adapter(name: str):
         if name not in bank:
             raise ApiError(404, f"no adapter named {name!r} is loaded", "model_not_found", "name")
+        if batcher.in_use[name] > 0:
+            raise ApiError(409, f"adapter {name!r} is serving requests now; unload it when they are done",
+                           "adapter_busy", "name")
         await run_in_threadpool(bank.unload, name)
         return {"unloaded": name}
 
@@ -457,11 +600,32 @@ def _text(content) -> str:
     return "".join(parts)
 
 
-def _stop(result: dict, stop) -> dict:
-    """Cut the text at the first stop string (the model still generated past it)."""
-    stops = [stop] if isinstance(stop, str) else stop or []
-    cuts = [result["text"].find(s) for s in stops if s and s in result["text"]]
-    return {**result, "text": result["text"][:min(cuts)], "finish_reason": "stop"} if cuts else result
+def check_parameters(body: Sampling) -> None:
+    """Refuse, by name, OpenAI parameters this server would otherwise ignore, and unknown ones."""
+    extra = body.model_extra or {}
+    refused = [k for k, v in extra.items() if k in UNSUPPORTED and v not in DO_NOTHING
+               and not (k == "best_of" and v == 1)]
+    if refused:
+        raise ApiError(400, f"this server does not support {', '.join(refused)}; leave "
+                       f"{'it' if len(refused) == 1 else 'them'} out", "unsupported_parameter", refused[0])
+    unknown = [k for k in extra if k not in UNSUPPORTED and k not in HARMLESS]
+    if unknown:
+        raise ApiError(400, f"unknown parameter {', '.join(unknown)}", "unknown_parameter", unknown[0])
+
+
+def _event(data: dict) -> str:
+    return f"data: {json.dumps(data)}\n\n"
+
+
+def _error_body(err: Exception) -> dict:
+    """The error a stream ends with: an ApiError as it is, anything else as a logged internal error."""
+    if isinstance(err, ApiError):
+        return {"error": {"message": err.message, "type": "invalid_request_error", "code": err.code,
+                          "param": err.param}}
+    request_id = uuid.uuid4().hex[:16]
+    log.error("stream %s failed", request_id, exc_info=err)
+    return {"error": {"message": f"internal error; request id {request_id}", "type": "server_error",
+                      "code": "internal_error", "param": None}}
 
 
 def _usage(results: list[dict]) -> dict:

@@ -8,6 +8,8 @@ import json
 import os
 import subprocess
 import sys
+import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -45,6 +47,12 @@ def lm(tmp_path_factory):
         yield server, bank, root
 
 
+def raw(bank, prompts, adapter, max_tokens):
+    """What the bank generates for these prompts, as the server returns it (not stripped)."""
+    ids = [bank.prompt_ids(p, adapter, template=False) for p in prompts]
+    return [o["text"] for o in bank.complete(ids, [adapter] * len(ids), [max_tokens] * len(ids))]
+
+
 def post(server, path, body, token=None, **kwargs):
     headers = {"Authorization": f"Bearer {token}"} if token else {}
     content = body if isinstance(body, str) else json.dumps(body)
@@ -64,8 +72,7 @@ def test_concurrent_clients_each_get_their_own_adapters_answer(lm):
     server, bank, _ = lm
     requests = [(model, prompt) for prompt in ("The weather today is", "Once upon a time, in a land far away,")
                 for model in ("alpha", "beta", "gamma", "tiny-llama")]
-    expected = {(m, p): bank.generate([p], adapter=None if m == "tiny-llama" else m, template=False,
-                                      max_new_tokens=8)[0] for m, p in requests}
+    expected = {(m, p): raw(bank, [p], None if m == "tiny-llama" else m, 8)[0] for m, p in requests}
     for prompt in ("The weather today is",):  # otherwise a mix-up could go unnoticed
         assert len({expected[(m, prompt)] for m in ("alpha", "beta", "gamma", "tiny-llama")}) == 4
     before = len(server.server.config.app.state.batcher.history)
@@ -89,10 +96,11 @@ def test_chat_completions_and_prompt_lists(lm):
     response = post(server, "/v1/chat/completions", {"model": "beta", "messages": messages, "max_tokens": 6})
     assert response.status_code == 200, response.text
     reply = response.json()["choices"][0]["message"]
-    assert reply == {"role": "assistant", "content": bank.chat([messages], adapter="beta", max_new_tokens=6)[0]}
+    [want] = bank.complete([bank.chat_ids(messages)], ["beta"], [6])
+    assert reply == {"role": "assistant", "content": want["text"]}
+    assert bank.chat([messages], adapter="beta", max_new_tokens=6) == [want["text"].strip()]
     response = post(server, "/v1/completions", {"model": "gamma", "prompt": ["One", "Two three"], "max_tokens": 4})
-    assert [c["text"] for c in response.json()["choices"]] == \
-        bank.generate(["One", "Two three"], adapter="gamma", template=False, max_new_tokens=4)
+    assert [c["text"] for c in response.json()["choices"]] == raw(bank, ["One", "Two three"], "gamma", 4)
 
 
 @pytest.mark.parametrize("path,body,status,message", [
@@ -110,9 +118,17 @@ def test_chat_completions_and_prompt_lists(lm):
     ("/v1/chat/completions", {"model": "beta", "messages": [{"role": "user", "content": "word " * 100}]}, 400,
      "prompt tokens"),
     ("/v1/completions", {"model": "alpha", "prompt": ["hi"] * 100}, 400, "got 100 inputs"),
-    ("/v1/completions", {"model": "alpha", "prompt": "hi", "stream": True}, 400, "stream"),
-    ("/v1/completions", {"model": "alpha", "prompt": "hi", "temperature": 0.7}, 400, "greedily"),
-    ("/v1/completions", {"model": "alpha", "prompt": "hi", "n": 2}, 400, "one choice"),
+    ("/v1/completions", {"model": "alpha", "prompt": "hi", "logprobs": 2}, 400, "does not support logprobs"),
+    ("/v1/completions", {"model": "alpha", "prompt": "hi", "frequency_penalty": 0.5, "echo": True}, 400,
+     "does not support frequency_penalty, echo"),
+    ("/v1/chat/completions", {"model": "beta", "messages": [{"role": "user", "content": "hi"}],
+                              "response_format": {"type": "json_object"}}, 400, "response_format"),
+    ("/v1/completions", {"model": "alpha", "prompt": "hi", "colour": "blue"}, 400, "unknown parameter colour"),
+    ("/v1/chat/completions", {"model": "beta", "messages": [{"role": "wizard", "content": "hi"}]}, 400, "role"),
+    ("/v1/chat/completions", {"model": "beta", "messages": [{"role": "tool", "content": "hi"}]}, 400, "role"),
+    ("/v1/completions", {"model": "alpha", "prompt": "hi", "temperature": 3}, 400, "temperature"),
+    ("/v1/completions", {"model": "alpha", "prompt": "hi", "stop": ["a", "b", "c", "d", "e"]}, 400, "stop"),
+    ("/v1/completions", {"model": "alpha", "prompt": ["hi"] * 40, "n": 2, "temperature": 1}, 400, "got 80 inputs"),
 ])
 def test_bad_requests_get_4xx_and_the_server_goes_on(lm, path, body, status, message):
     server, _, _ = lm
@@ -142,8 +158,7 @@ def test_admin_loads_and_unloads_inside_the_adapter_dir_only(lm):
     assert response.status_code == 201, response.text
     assert "extra" in [m["id"] for m in httpx.get(server.url + "/v1/models").json()["data"]]
     response = post(server, "/v1/completions", {"model": "extra", "prompt": "The weather", "max_tokens": 5})
-    assert response.json()["choices"][0]["text"] == bank.generate(["The weather"], adapter="extra", template=False,
-                                                                  max_new_tokens=5)[0]
+    assert response.json()["choices"][0]["text"] == raw(bank, ["The weather"], "extra", 5)[0]
     assert httpx.delete(server.url + admin + "/extra").status_code == 401
     response = httpx.delete(server.url + admin + "/extra", headers={"Authorization": f"Bearer {TOKEN}"})
     assert response.status_code == 200
@@ -181,7 +196,7 @@ def test_a_server_error_names_a_request_id_and_nothing_internal(lm, monkeypatch,
 
     def broken(*args, **kwargs):
         raise RuntimeError("tensor of shape (3, 7) at /secret/path")
-    monkeypatch.setattr(bank, "complete", broken)
+    monkeypatch.setattr(bank, "decode", broken)
     response = post(server, "/v1/completions", {"model": "alpha", "prompt": "hi", "max_tokens": 2})
     assert response.status_code == 500
     message = response.json()["error"]["message"]
@@ -192,19 +207,18 @@ def test_a_server_error_names_a_request_id_and_nothing_internal(lm, monkeypatch,
 
 def test_a_row_that_breaks_fails_only_its_own_request(lm, monkeypatch):
     server, bank, _ = lm
-    complete, poison = bank.complete, bank.prompt_ids("poison", "alpha", template=False)
+    decode, poison = bank.decode, bank.prompt_ids("poison", "alpha", template=False)
 
-    def fragile(ids, *args, **kwargs):
-        if poison in ids:
+    def fragile(seqs, *args, **kwargs):
+        if any(seq.prompt == poison for seq in seqs):
             raise RuntimeError("this row cannot be run")
-        return complete(ids, *args, **kwargs)
-    monkeypatch.setattr(bank, "complete", fragile)
+        return decode(seqs, *args, **kwargs)
+    monkeypatch.setattr(bank, "decode", fragile)
     with ThreadPoolExecutor(2) as pool:  # within the 300 ms batch wait: one batch
         bad, good = pool.map(lambda prompt: post(server, "/v1/completions", {
             "model": "alpha", "prompt": prompt, "max_tokens": 2}), ["poison", "The weather"])
     assert bad.status_code == 500 and good.status_code == 200, (bad.text, good.text)
-    assert good.json()["choices"][0]["text"] == bank.generate(["The weather"], adapter="alpha", template=False,
-                                                              max_new_tokens=2)[0]
+    assert good.json()["choices"][0]["text"] == raw(bank, ["The weather"], "alpha", 2)[0]
 
 
 def test_admin_is_off_without_a_token(lm):
@@ -283,3 +297,201 @@ def test_cli_serve(lm):
     finally:
         process.terminate()
         process.wait(timeout=30)
+
+
+# ---------------------------------------------------------------------------- the official OpenAI client
+
+def client(server):
+    import openai
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+
+
+PROMPTS = ["The weather today is", "Once upon a time", "My favourite food", "In the year 2000", "Hello, my name is",
+           "The capital of France is", "She opened the door and", "Numbers: 1, 2, 3,"]
+
+
+def test_openai_client_completions_keep_leading_whitespace_and_stream_the_same_text(lm):
+    server, bank, _ = lm
+    api = client(server)
+    expected = raw(bank, PROMPTS, "alpha", 8)
+    spaced = [p for p, text in zip(PROMPTS, expected) if text[:1].isspace()]
+    assert spaced, expected  # a continuation that starts with a space, to check it is kept
+    for prompt in spaced[:2] + PROMPTS[:2]:
+        want = expected[PROMPTS.index(prompt)]
+        response = api.completions.create(model="alpha", prompt=prompt, max_tokens=8)
+        assert response.choices[0].text == want
+        pieces = [c.choices[0].text for c in api.completions.create(model="alpha", prompt=prompt, max_tokens=8,
+                                                                     stream=True) if c.choices]
+        assert "".join(pieces) == want and len([p for p in pieces if p]) > 1, pieces
+
+
+def test_openai_client_chat_streams_with_the_role_first_and_usage_last(lm):
+    server, bank, _ = lm
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello there"}]
+    [want] = bank.complete([bank.chat_ids(messages)], ["beta"], [10])
+    reply = client(server).chat.completions.create(model="beta", messages=messages, max_tokens=10)
+    assert reply.choices[0].message.content == want["text"] and reply.choices[0].finish_reason == want["finish_reason"]
+    chunks = list(client(server).chat.completions.create(model="beta", messages=messages, max_tokens=10, stream=True,
+                                                         stream_options={"include_usage": True}))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == want["text"]
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == want["finish_reason"]
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == want["completion_tokens"]
+    assert chunks[-1].usage.prompt_tokens == want["prompt_tokens"]
+
+
+def test_openai_client_sampling_is_seeded_and_n_gives_distinct_choices(lm):
+    server, _, _ = lm
+    api = client(server)
+
+    def sampled(**kwargs):
+        response = api.completions.create(model="alpha", prompt="Once upon a time", max_tokens=12, **kwargs)
+        return [c.text for c in response.choices]
+    first = sampled(temperature=1.0, seed=7)
+    assert sampled(temperature=1.0, seed=7) == first
+    assert sampled(temperature=1.0, seed=8) != first
+    assert sampled(temperature=1.0, seed=7, top_p=0.9) != sampled(temperature=1.0, seed=7, top_p=1e-6)
+    assert sampled(temperature=1.0, seed=7, top_p=1e-6) == sampled(temperature=0)  # top_p -> the likeliest token
+    several = sampled(temperature=1.0, seed=7, n=4)
+    assert several[0] == first[0] and len(set(several)) == 4
+    streamed = api.completions.create(model="alpha", prompt="Once upon a time", max_tokens=12, temperature=1.0,
+                                      seed=7, n=4, stream=True)
+    texts = ["", "", "", ""]
+    for chunk in streamed:
+        for choice in chunk.choices:
+            texts[choice.index] += choice.text
+    assert texts == several
+
+
+def test_openai_client_stop_cuts_the_text_and_counts_only_returned_tokens(lm):
+    server, bank, _ = lm
+    ids = {p: bank.prompt_ids(p, "alpha", template=False) for p in PROMPTS}
+    full = {p: bank.complete([ids[p]], ["alpha"], [16])[0] for p in PROMPTS}
+    # a prompt whose continuation has, past its middle, a 3-character piece seen there first
+    prompt, stop = next((p, f["text"][i:i + 3]) for p, f in full.items() for i in range(len(f["text"]) // 2,
+                                                                                       len(f["text"]) - 3)
+                        if f["text"][i:i + 3].strip() and f["text"].index(f["text"][i:i + 3]) == i)
+    full = full[prompt]
+    response = client(server).completions.create(model="alpha", prompt=prompt, max_tokens=16, stop=[stop, "zzzz"])
+    text = response.choices[0].text
+    assert text == full["text"][:full["text"].index(stop)] and response.choices[0].finish_reason == "stop"
+    assert 0 < response.usage.completion_tokens < full["completion_tokens"]
+    kept = bank.complete([ids[prompt]], ["alpha"], [response.usage.completion_tokens])[0]["text"]
+    fewer = bank.complete([ids[prompt]], ["alpha"], [response.usage.completion_tokens - 1])[0]["text"] \
+        if response.usage.completion_tokens > 1 else ""
+    assert kept.startswith(text) and not fewer.startswith(text)  # just the tokens that make the text
+    streamed = client(server).completions.create(model="alpha", prompt=prompt, max_tokens=16, stop=stop, stream=True)
+    assert "".join(c.choices[0].text for c in streamed if c.choices) == text
+
+
+def test_openai_client_gets_a_400_naming_what_it_cannot_honour(lm):
+    import openai
+    api = client(server := lm[0])
+    for call in (lambda: api.completions.create(model="alpha", prompt="hi", logprobs=2),
+                 lambda: api.chat.completions.create(model="beta", messages=[{"role": "user", "content": "hi"}],
+                                                     tools=[{"type": "function", "function": {"name": "f"}}]),
+                 lambda: api.chat.completions.create(model="beta", messages=[{"role": "user", "content": "hi"}],
+                                                     presence_penalty=1.0),
+                 lambda: api.chat.completions.create(model="beta", messages=[{"role": "tool", "content": "hi",
+                                                                              "tool_call_id": "1"}])):
+        with pytest.raises(openai.BadRequestError) as err:
+            call()
+        assert err.value.status_code == 400
+        assert any(word in str(err.value) for word in ("logprobs", "tools", "presence_penalty", "role")), err.value
+    assert post(server, "/v1/completions", {"model": "alpha", "prompt": "hi", "max_tokens": 2}).status_code == 200
+
+
+def test_mixed_adapter_batches_stay_correct_with_sampling_and_streaming(lm):
+    server, _, _ = lm
+    requests = [(model, prompt, seed, stream) for seed, prompt in enumerate(PROMPTS[:3])
+                for model in ("alpha", "beta", "gamma", "tiny-llama") for stream in (False, True)]
+
+    def ask(request):
+        model, prompt, seed, stream = request
+        response = client(server).completions.create(model=model, prompt=prompt, max_tokens=8, temperature=0.9,
+                                                     seed=seed, stream=stream)
+        return "".join(c.choices[0].text for c in response if c.choices) if stream else response.choices[0].text
+    alone = {r: ask(r) for r in requests if not r[3]}
+    before = len(server.server.config.app.state.batcher.history)
+    with ThreadPoolExecutor(len(requests)) as pool:
+        together = dict(zip(requests, pool.map(ask, requests)))
+    for request, text in together.items():
+        assert text == alone[request[:3] + (False,)], request
+    batches = list(server.server.config.app.state.batcher.history)[before:]
+    assert max(len(adapters) for _, _, adapters in batches) > 1
+
+
+def slow_steps(monkeypatch, bank, seconds):
+    """Every forward of the bank's model takes at least `seconds`: long enough to act mid-generation."""
+    forward = bank.model.forward
+
+    def slow(*args, **kwargs):
+        time.sleep(seconds)
+        return forward(*args, **kwargs)
+    monkeypatch.setattr(bank.model, "forward", slow)
+
+
+def watch_decodes(monkeypatch, bank):
+    """The Sequences of every decode call, to see how they ended."""
+    seen, decode = [], bank.decode
+
+    def spy(seqs, *args, **kwargs):
+        seen.extend(seqs)
+        return decode(seqs, *args, **kwargs)
+    monkeypatch.setattr(bank, "decode", spy)
+    return seen
+
+
+def test_a_client_that_disconnects_releases_its_rows_and_its_batch_mates_go_on(lm, monkeypatch):
+    server, bank, _ = lm
+    slow_steps(monkeypatch, bank, 0.05)
+    seen = watch_decodes(monkeypatch, bank)
+    mate = {"model": "beta", "prompt": PROMPTS[1], "max_tokens": 12}
+    with ThreadPoolExecutor(3) as pool:  # within the 300 ms batch wait: one batch of three requests
+        def leave_stream():
+            with httpx.stream("POST", server.url + "/v1/completions", timeout=60, json={
+                    "model": "alpha", "prompt": PROMPTS[0], "max_tokens": 30, "stream": True}) as response:
+                next(response.iter_lines())  # the first piece arrived, then the client goes away
+        def give_up():
+            with pytest.raises(httpx.ReadTimeout):
+                httpx.post(server.url + "/v1/completions", timeout=0.8, json={
+                    "model": "gamma", "prompt": PROMPTS[2], "max_tokens": 30})
+        stays = pool.submit(post, server, "/v1/completions", mate)
+        gone = [pool.submit(leave_stream), pool.submit(give_up)]
+        for future in gone:
+            future.result()
+        response = stays.result()
+    assert response.status_code == 200 and response.json()["choices"][0]["text"] == raw(bank, [PROMPTS[1]], "beta", 12)[0]
+    for _ in range(100):  # the batch ends a step after the last client left
+        if all(seq.finish_reason for seq in seen):
+            break
+        time.sleep(0.05)
+    ended = {seq.adapter: seq for seq in seen}
+    assert ended["alpha"].finish_reason == ended["gamma"].finish_reason == "cancelled"
+    assert len(ended["alpha"].tokens) < 30 and len(ended["gamma"].tokens) < 30
+    assert ended["beta"].finish_reason == "length"
+
+
+def test_a_small_request_does_not_wait_for_a_long_generation(lm, monkeypatch):
+    server, bank, _ = lm
+    slow_steps(monkeypatch, bank, 0.03)
+    finished = {}
+
+    def long():
+        with httpx.stream("POST", server.url + "/v1/completions", timeout=60, json={
+                "model": "alpha", "prompt": PROMPTS[0], "max_tokens": 30, "stream": True}) as response:
+            lines = response.iter_lines()
+            next(lines)
+            started.set()  # generating: the small request comes after the batch began
+            for _ in lines:
+                pass
+        finished["long"] = time.monotonic()
+    started = threading.Event()
+    with ThreadPoolExecutor(2) as pool:
+        running = pool.submit(long)
+        assert started.wait(30)
+        response = post(server, "/v1/completions", {"model": "beta", "prompt": PROMPTS[1], "max_tokens": 2})
+        finished["small"] = time.monotonic()
+        running.result()
+    assert response.status_code == 200
+    assert finished["small"] < finished["long"]  # served between the long one's steps, not after it

@@ -1,0 +1,52 @@
+"""The bank's lock: granted in arrival order, reentrant, and passed on between a long job's steps."""
+import threading
+import time
+
+import pytest
+
+from peftkit.turns import Turns
+
+
+def wait_until(condition):
+    for _ in range(2000):
+        if condition():
+            return
+        time.sleep(0.001)
+    raise AssertionError("timed out")
+
+
+def test_waiting_threads_run_between_the_steps_of_a_long_holder_in_arrival_order():
+    turns, order = Turns(), []
+
+    def short(name):
+        with turns:
+            with turns:  # reentrant
+                order.append(name)
+    with turns:
+        order.append("long step 1")
+        threads = []
+        for name in ("first", "second"):
+            threads.append(threading.Thread(target=short, args=(name,)))
+            threads[-1].start()
+            wait_until(lambda: turns._next_ticket == len(threads) + 1)  # queued behind us, in this order
+        turns.pass_turn()
+        order.append("long step 2")
+        turns.pass_turn()  # nobody waiting: returns at once
+        order.append("long step 3")
+    for thread in threads:
+        thread.join()
+    assert order == ["long step 1", "first", "second", "long step 2", "long step 3"]
+
+
+def test_only_the_holder_may_release_or_pass_the_turn():
+    turns = Turns()
+    with pytest.raises(RuntimeError, match="does not hold"):
+        turns.release()
+    with pytest.raises(RuntimeError, match="does not hold"):
+        turns.pass_turn()
+    with turns:
+        failed = []
+        thread = threading.Thread(target=lambda: failed.append(pytest.raises(RuntimeError, turns.release)))
+        thread.start()
+        thread.join()
+        assert failed
