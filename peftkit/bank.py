@@ -88,7 +88,7 @@ class AdapterBank:
             setattr(base, head, self.heads[head])
         self.entries: dict[str, Entry] = {}
         self.batch_size = batch_size
-        self.lock = Turns()  # one call at a time (the selection is per call), in the order they came
+        self.lock = Turns()  # one call at a time (the selection is per call); fewest turns first
         self._lora_now = None  # while a call runs: {module path: (A, B)} for the rows' LoRA adapters
         self._hooks = {}  # module path -> [hook handle, number of adapters using it]
 
@@ -229,8 +229,8 @@ class AdapterBank:
     def decode(self, seqs: list[Sequence], between_steps=None) -> None:
         """Generate for each Sequence (its own adapter, limits, sampling and stop strings), in batches
         of batch_size rows (left padded) whatever adapters the rows use. `between_steps` runs after
-        each token step of a batch; a server passes other requests the model there (the lock's
-        pass_turn), after which this batch's adapters are selected again."""
+        each token step of a batch. Between steps the batch passes the model's lock to any waiter that
+        has had fewer turns (peftkit.turns), then selects its adapters again."""
         from .tasks.generation import CausalCollator
         self._need("causal-lm", "generate")
         self._rows([s.adapter for s in seqs], len(seqs))
@@ -249,8 +249,11 @@ class AdapterBank:
             batch = CausalCollator(pad, side="left")([{"input_ids": s.prompt, "attention_mask": [1] * len(s.prompt)}
                                                       for s in chunk])
 
+            steps = [0]
+
             def pass_turn(rows=rows):
-                self.lock.pass_turn()
+                steps[0] += 1
+                self.lock.pass_turn(had=steps[0])
                 self._rows(rows, len(rows))  # an adapter unloaded meanwhile fails this batch clearly
                 self._select(rows)
             watch = Watch(chunk, self.tokenizer, eos, pass_turn if between_steps is None else

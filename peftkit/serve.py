@@ -16,9 +16,10 @@ penalties, ...) get a 400 that names them, never silent neglect.
 
 Concurrent requests share the model fairly. A dispatcher thread groups waiting requests of one
 kind (up to max_batch rows, whatever adapters they name) into batches, and worker threads run
-the batches in turns: the bank's lock is granted in arrival order and a generating batch passes
-it on after every token, a classify or answer batch after every chunk of rows, so a small request
-waits for one step of each batch ahead of it, never for a whole long one. A client that
+the batches in turns: a generating batch offers the bank's lock after every token, a classify or
+answer batch after every chunk of rows, and the lock goes to the waiting batch that has had the
+fewest turns (peftkit.turns). A new small request runs as soon as the step under way ends; long
+ones alternate step by step; none waits for a whole long one. A client that
 disconnects (or stops reading a stream) has its rows end at the next step; their batch-mates go on.
 Bad requests get a 4xx with {"error": {"message", "type", "code", "param"}}. A body over
 max_body_bytes gets 413 before it is read whole. A 500 says only its request id (also in the
@@ -229,12 +230,12 @@ class Batcher:
         its own turn on the model, skipping the rows of jobs cancelled meanwhile."""
         rows = [(job, row) for job in jobs for row in job.rows]
         results = []
-        for start in range(0, len(rows), self.bank.batch_size):
+        for turns, start in enumerate(range(0, len(rows), self.bank.batch_size)):
             part = rows[start:start + self.bank.batch_size]
             todo = [i for i, (job, _) in enumerate(part) if not job.cancelled]
             out = []
             if todo:
-                with self.bank.lock:  # the tokenizer is not thread-safe either: it runs inside the turn too
+                with self.bank.lock.turn(had=turns):  # the tokenizer is not thread-safe: it runs in the turn too
                     texts, names = [part[i][1] for i in todo], [part[i][0].adapter for i in todo]
                     out = (self.bank.classify(texts, names) if jobs[0].kind == "classify" else
                            self.bank.answer([q for q, _ in texts], [c for _, c in texts], names))
@@ -406,6 +407,7 @@ def create_app(bank, *, adapter_dir=None, admin_token: str | None = None, max_ba
             except asyncio.TimeoutError:
                 if await request.is_disconnected():
                     job.cancelled = True
+                    future.add_done_callback(lambda f: f.cancelled() or f.exception())  # nobody waits for it now
                     raise ApiError(499, "the client closed the request", "client_closed") from None
 
     async def stream(request: Request, job: Job, body: Sampling) -> StreamingResponse:

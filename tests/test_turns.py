@@ -28,7 +28,7 @@ def test_waiting_threads_run_between_the_steps_of_a_long_holder_in_arrival_order
         for name in ("first", "second"):
             threads.append(threading.Thread(target=short, args=(name,)))
             threads[-1].start()
-            wait_until(lambda: turns._next_ticket == len(threads) + 1)  # queued behind us, in this order
+            wait_until(lambda: len(turns._waiting) == len(threads))  # queued behind us, in this order
         turns.pass_turn()
         order.append("long step 2")
         turns.pass_turn()  # nobody waiting: returns at once
@@ -50,3 +50,22 @@ def test_only_the_holder_may_release_or_pass_the_turn():
         thread.start()
         thread.join()
         assert failed
+
+
+def test_the_waiter_with_the_fewest_turns_goes_first_and_more_served_ones_wait():
+    turns, order = Turns(), []
+
+    def job(name, had):
+        with turns.turn(had=had):
+            order.append(name)
+    with turns:
+        threads = []
+        for name, had in (("long, 9 turns", 9), ("new", 0), ("medium, 3 turns", 3)):
+            threads.append(threading.Thread(target=job, args=(name, had)))
+            threads[-1].start()
+            wait_until(lambda: len(turns._waiting) == len(threads))
+        turns.pass_turn(had=5)  # "new" and "medium" have had fewer turns; "long" has had more
+        order.append("holder, 5 turns")
+    for thread in threads:
+        thread.join()
+    assert order == ["new", "medium, 3 turns", "holder, 5 turns", "long, 9 turns"]
