@@ -22,7 +22,6 @@ Markdown.
 """
 import argparse
 import json
-import platform
 import random
 import statistics
 import tempfile
@@ -36,6 +35,7 @@ import torch
 
 import peftkit
 from peftkit.bank import AdapterBank
+from peftkit.bench_train import _machine
 from peftkit.serve import BackgroundServer, create_app
 
 PROMPTS = ["The weather today is", "Once upon a time", "My favourite food is", "In the year 2000,",
@@ -59,7 +59,8 @@ def main():
                 BackgroundServer(create_app(cls)) as cls_server:
             results = run_load(lm_server.url, cls_server.url, args.seconds)
             results |= heavy_and_small(lm_server.url, args.small_requests)
-    results["machine"] = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+    machine = _machine("cpu")
+    results["machine"] = f"{machine['machine']}, torch {machine['torch']}, {machine['threads']} threads"
     write_report(args, results)
 
 

@@ -96,10 +96,10 @@ def choose_attention(model, precision: str, batch_size: int, max_length: int) ->
     SMALL_ATTENTION score elements.
 
     On the project's 2-core CPU (benchmarks/results/cpu-kernels-cpu.md), forward and backward in
-    bf16 took PyTorch's fused kernel 5.6x the plain matmuls' time for MiniLM at 48 tokens and 4.2x
-    at 128 (batch 32), 1.4x at 192 (13.5M scores), and 2.7x for SmolLM2's 192-token rows (batch 8).
+    bf16 took PyTorch's fused kernel 5.5x the plain matmuls' time for MiniLM at 48 tokens and 3.2x
+    at 128 (batch 32), 1.4x at 192 (13.5M scores), and 3.0x for SmolLM2's 192-token rows (batch 8).
     SDPA's math path is no answer: on a CPU it computes bf16 attention in fp32. At 27M scores
-    (MiniLM's QA windows of 384 tokens, batch 16) the fused kernel is 1.3x faster, and stays.
+    (MiniLM's QA windows of 384 tokens, batch 16) the fused kernel is 1.4x faster, and stays.
     """
     config = model.config.get_text_config()
     scores = batch_size * config.num_attention_heads * max_length ** 2
