@@ -254,7 +254,8 @@ def write_report(args, r: dict) -> None:
              f"{r['seconds']} s of load on two loopback servers (SmolLM2-135M and MiniLM-L6, 8 adapters each). "
              f"**5xx: {r['server_errors']}. Cross-talk (answers that differ from the same request sent alone): "
              f"{r['mismatches']}.** Answered {r['answered_per_s']} requests/s.", "",
-             "| client | requests | statuses | mismatches | p50 (s) | p99 (s) |", "| --- | ---: | --- | ---: | ---: | ---: |"]
+             "| client | requests | statuses | mismatches | p50 (s) | p99 (s) |",
+             "| --- | ---: | --- | ---: | ---: | ---: |"]
     for kind, k in r["kinds"].items():
         statuses = ", ".join(f"{s}: {n}" for s, n in sorted(k["statuses"].items()))
         lines.append(f"| {kind} | {k['requests']} | {statuses} | {k['mismatches']} | {k['p50_s']} | {k['p99_s']} |")

@@ -56,6 +56,7 @@ from .errors import PeftkitError
 log = logging.getLogger("peftkit.serve")
 MAX_BODY_BYTES = 4 * 2**20  # 64 QA contexts of 50 KB fit; a 20 MB upload does not
 WORKERS = 4  # batches that may be under way at once, taking turns on the model
+CHUNK_TOKENS = 4096  # text tokens a classify or answer turn takes at most (a dozen 384-token QA windows)
 # OpenAI parameters this server does not implement: a request that sets one (to anything but its
 # do-nothing value) is refused, naming it, rather than answered as if it had not asked
 UNSUPPORTED = ("logprobs", "top_logprobs", "logit_bias", "frequency_penalty", "presence_penalty",
@@ -128,6 +129,7 @@ class Job:
     rows: list  # per row: a Sequence (generation), a text, or (question, context)
     future: concurrent.futures.Future = field(default_factory=concurrent.futures.Future)
     cancelled: bool = False  # the client went away: rows not yet run are skipped, generation ends
+    sizes: list = field(default_factory=list)  # classify and answer: tokens of text per row (prepare counts them)
 
 
 class Batcher:
@@ -226,13 +228,14 @@ class Batcher:
             start += len(job.rows)
 
     def _in_chunks(self, jobs: list[Job]) -> list:
-        """Classify or answer the jobs' rows a chunk (the bank's batch size) at a time, each chunk in
-        its own turn on the model, skipping the rows of jobs cancelled meanwhile."""
-        rows = [(job, row) for job in jobs for row in job.rows]
+        """Classify or answer the jobs' rows a chunk at a time, each chunk in its own turn on the model,
+        skipping the rows of jobs cancelled meanwhile. A chunk is at most the bank's batch size in rows
+        and CHUNK_TOKENS tokens of text (a row over that is a chunk of its own, bounded by
+        max_input_tokens): a row's QA windows all run inside its chunk's turn."""
+        rows = [(job, row, size) for job in jobs for row, size in zip(job.rows, job.sizes)]
         results = []
-        for turns, start in enumerate(range(0, len(rows), self.bank.batch_size)):
-            part = rows[start:start + self.bank.batch_size]
-            todo = [i for i, (job, _) in enumerate(part) if not job.cancelled]
+        for turns, part in enumerate(_chunks(rows, self.bank.batch_size, CHUNK_TOKENS)):
+            todo = [i for i, (job, _, _) in enumerate(part) if not job.cancelled]
             out = []
             if todo:
                 with self.bank.lock.turn(had=turns):  # the tokenizer is not thread-safe: it runs in the turn too
@@ -281,8 +284,10 @@ class Batcher:
         """A classify or answer request's texts (questions and contexts) hold at most max_input_tokens
         tokens in all, so that one request's turns on the model are bounded too."""
         texts = [part for row in job.rows for part in (row if isinstance(row, tuple) else (row,))]
-        counts = self.bank.tokenizer(texts, add_special_tokens=False)["input_ids"]
-        total = sum(map(len, counts))
+        counts = list(map(len, self.bank.tokenizer(texts, add_special_tokens=False)["input_ids"]))
+        per_row = 2 if job.kind == "answer" else 1  # a question and its context
+        job.sizes = [sum(counts[i:i + per_row]) for i in range(0, len(counts), per_row)]
+        total = sum(counts)
         if total > self.max_input_tokens:
             raise ApiError(
                 400, f"the request's texts hold {total} tokens; this server takes at most {self.max_input_tokens} "
@@ -293,6 +298,20 @@ class Batcher:
 def _can_restart(job: Job) -> bool:
     """Whether a job can run again from the start: nothing of it has been streamed to its client yet."""
     return _family(job) != "generate" or not any(seq.streamed for seq in job.rows)
+
+
+def _chunks(rows: list, max_rows: int, max_tokens: int):
+    """Consecutive runs of (job, row, size) with at most max_rows rows and max_tokens tokens (a
+    bigger row alone)."""
+    part, tokens = [], 0
+    for row in rows:
+        if part and (len(part) == max_rows or tokens + row[2] > max_tokens):
+            yield part
+            part, tokens = [], 0
+        part.append(row)
+        tokens += row[2]
+    if part:
+        yield part
 
 
 def _settle(jobs: list[Job]) -> None:
@@ -439,8 +458,9 @@ def create_app(bank, *, adapter_dir=None, admin_token: str | None = None, max_ba
             try:
                 if chat:
                     for index in range(len(job.rows)):
-                        yield _event({**head, "choices": [{"index": index, "delta": {"role": "assistant", "content": ""},
-                                                          "logprobs": None, "finish_reason": None}]})
+                        opening = {"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                                   "finish_reason": None}
+                        yield _event({**head, "choices": [opening]})
                 while (item := await events.get()) is not None:
                     yield chunk(*item, None)
                 if future.exception() is not None:

@@ -33,3 +33,5 @@ def test_train_eval_and_predict_print_no_known_noise(tmp_path):
     for done in (trained, evaluated, predicted):
         assert done.returncode == 0
         assert not [noise for noise in NOISE if noise in done.stderr], done.stderr[-2000:]
+        # progress bars into a file or pipe: none left half-drawn, the output ends with its line
+        assert done.stderr == "" or done.stderr.endswith("\n"), repr(done.stderr[-300:])

@@ -18,6 +18,7 @@ from test_bank import PREFIX, make_adapter, one_thread, tiny  # noqa: F401 (one_
 
 import peftkit
 from peftkit import AdapterBank
+from peftkit import serve
 from peftkit.serve import BackgroundServer, create_app
 
 TOKEN = "s3cret"
@@ -254,7 +255,7 @@ def test_classification_server(tmp_path):
         assert post(server, "/v1/classify", {"model": "topic", "input": []}).status_code == 400
 
 
-def test_qa_server(tmp_path):
+def test_qa_server(tmp_path, monkeypatch):
     tokenizer = peftkit.load_tokenizer("minilm-l6")
     bank = AdapterBank(tiny("bert", "qa", vocab_size=tokenizer.vocab_size), tokenizer=tokenizer)
     for i, (name, spec) in enumerate({"squad": LORA, "squad2": PREFIX}.items()):
@@ -277,6 +278,17 @@ def test_qa_server(tmp_path):
         assert "at most 200 per request" in long.json()["error"]["message"], long.text
         assert post(server, "/v1/answer", {"model": "squad", "question": questions[0], "context": contexts[0]}) \
             .status_code == 200
+
+        # a request over CHUNK_TOKENS of text is answered a chunk of rows per turn on the model
+        calls, answer = [], bank.answer
+        monkeypatch.setattr(serve, "CHUNK_TOKENS", 25)
+        monkeypatch.setattr(bank, "answer", lambda q, c, a: calls.append(len(q)) or answer(q, c, a))
+        many_q, many_c = questions * 4, [c + " The crowd was large." for c in contexts] * 4
+        response = post(server, "/v1/answer", {"model": "squad", "question": many_q, "context": many_c})
+        assert response.status_code == 200, response.text
+        assert [d["answer"] for d in response.json()["data"]] == \
+            [r["answer"] for r in answer(many_q, many_c, "squad")]
+        assert len(calls) > 1 and sum(calls) == len(many_q)
 
 
 def test_cli_serve(lm):
@@ -461,7 +473,8 @@ def test_a_client_that_disconnects_releases_its_rows_and_its_batch_mates_go_on(l
         for future in gone:
             future.result()
         response = stays.result()
-    assert response.status_code == 200 and response.json()["choices"][0]["text"] == raw(bank, [PROMPTS[1]], "beta", 12)[0]
+    assert response.status_code == 200
+    assert response.json()["choices"][0]["text"] == raw(bank, [PROMPTS[1]], "beta", 12)[0]
     for _ in range(100):  # the batch ends a step after the last client left
         if all(seq.finish_reason for seq in seen):
             break

@@ -74,7 +74,7 @@ def predict(model, tokenizer, rows, recipe, desc="predicting") -> list[dict]:
     id2label = model.config.id2label
     out = []
     size = recipe.train.eval_batch_size
-    for start in tqdm(range(0, len(rows), size), desc=desc, leave=False):
+    for start in tqdm(range(0, len(rows), size), desc=desc, leave=False, disable=None):
         texts = [row[recipe.data.text] for row in rows[start:start + size]]
         batch = tokenizer(texts, truncation=True, max_length=recipe.train.max_length, padding=True,
                           return_tensors="pt").to(model.device)

@@ -210,7 +210,7 @@ def generate(model, tokenizer, prompts, recipe, desc="generating") -> list[str]:
     was_training = model.training
     model.eval()
     try:
-        for start in tqdm(range(0, len(order), t.eval_batch_size), desc=desc, leave=False):
+        for start in tqdm(range(0, len(order), t.eval_batch_size), desc=desc, leave=False, disable=None):
             index = order[start:start + t.eval_batch_size]
             batch = collate([{"input_ids": encoded[i], "attention_mask": [1] * len(encoded[i])} for i in index])
             batch = {k: v.to(model.device) for k, v in batch.items()}

@@ -162,7 +162,7 @@ def answer(model, tokenizer, questions, contexts, recipe, desc="answering") -> l
     was_training = model.training
     model.eval()
     try:
-        for chunk in tqdm(range(0, n_windows, t.eval_batch_size), desc=desc, leave=False):
+        for chunk in tqdm(range(0, n_windows, t.eval_batch_size), desc=desc, leave=False, disable=None):
             index = order[chunk:chunk + t.eval_batch_size]
             batch = tokenizer.pad({k: [enc[k][i] for i in index] for k in names}, return_tensors="pt")
             out = model(**batch.to(model.device))
