@@ -10,7 +10,8 @@ Two servers in this process, each an AdapterBank behind `create_app`: SmolLM2-13
 * classification clients sending 1 to 8 texts to any of the 8 adapters;
 * a client streaming 128-token completions, and a slow reader;
 * fault clients: streams dropped after the first piece, requests abandoned mid-generation,
-  5 MB bodies (must get 413), malformed JSON (400), unsupported parameters (400).
+  5 MB bodies (must get 413), malformed JSON (400), unsupported parameters (400), and a body
+  trickled in 8 bytes at a time (must get its 200 without holding anyone up).
 
 Every answer is compared with the same request sent alone beforehand (cross-talk), and every
 status is counted (no 5xx allowed). Reported: p50/p99 latency per kind and throughput.
@@ -189,6 +190,9 @@ def fault_loop(lm_url: str, cls_url: str, stop_at: float, log, lock) -> None:
                                                  headers={"Content-Type": "application/json"}).status_code,
         "logprobs (400)": lambda c: c.post(lm_url + "/v1/completions", timeout=60, json={
             "model": "a0", "prompt": "hi", "logprobs": 3}).status_code,
+        "slow sender (200)": lambda c: c.post(cls_url + "/v1/classify", content=trickle(
+            json.dumps({"model": "a0", "input": TEXTS[:2]}).encode()), timeout=60,
+            headers={"Content-Type": "application/json"}).status_code,
     }
     with httpx.Client() as client:
         while time.monotonic() < stop_at:
@@ -196,6 +200,13 @@ def fault_loop(lm_url: str, cls_url: str, stop_at: float, log, lock) -> None:
                 took, status = timed(lambda: fault(client))
                 with lock:
                     log[kind].append((took, status, None))
+
+
+def trickle(body: bytes, piece: int = 8, pause: float = 0.05):
+    """A request body sent a few bytes at a time (no Content-Length), as a slow client sends it."""
+    for start in range(0, len(body), piece):
+        time.sleep(pause)
+        yield body[start:start + piece]
 
 
 def drop_stream(client, url: str) -> str:
