@@ -53,7 +53,8 @@ def main(names: list[str]) -> int:
     for name, m in runs.items():
         scores = ", ".join(f"{k} {m['base'][k]:.3f} → **{m['adapted'][k]:.3f}**" for k in m["adapted"]
                            if isinstance(m["adapted"][k], float))
-        lines.append(f"| {name} | {m['method']} | {m['precision']} | {scores} | {m['train_seconds']} | "
+        method = m["method"]["method"] if isinstance(m["method"], dict) else m["method"]  # an inline spec
+        lines.append(f"| {name} | {method} | {m['precision']} | {scores} | {m['train_seconds']} | "
                      f"{m['train_samples_per_second']} | {m['peak_memory_mb']} | {m['whole_run_seconds']} | "
                      f"{m['whole_run_peak_rss_mb']} |")
     atomic_write(OUT.with_suffix(".md"), "\n".join(lines) + "\n")
