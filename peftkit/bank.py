@@ -240,9 +240,10 @@ class AdapterBank:
         eos |= set(config_eos if isinstance(config_eos, list) else [config_eos])
         eos.discard(None)
         for start in range(0, len(seqs), self.batch_size):
-            chunk = [s for s in seqs[start:start + self.batch_size] if not s.cancelled()]
             for s in seqs[start:start + self.batch_size]:
-                s.finish_reason = s.finish_reason or ("cancelled" if s not in chunk else None)
+                if not s.finish_reason and s.cancelled():
+                    s.finish_reason = "cancelled"
+            chunk = [s for s in seqs[start:start + self.batch_size] if not s.finish_reason]
             if not chunk:
                 continue
             rows = [s.adapter for s in chunk]

@@ -60,7 +60,8 @@ class RowSampler(LogitsProcessor):
             if generator is None or seq.finish_reason:
                 continue
             token = sample(scores[row].float().cpu(), seq.temperature, seq.top_p, generator)
-            scores[row] = torch.where(torch.arange(scores.shape[1], device=scores.device) == token, 0.0, -torch.inf)
+            scores[row].fill_(-torch.inf)
+            scores[row, token] = 0.0
         return scores
 
 

@@ -22,9 +22,10 @@ import torch
 from torch import nn
 
 LEVELS = 1 << 15  # the resolution of each uniform draw
-# The integer type each float type's mask is built in, of the same width, so the bits of 1.0 can be written
-SAME_WIDTH_INT = {torch.bfloat16: torch.int16, torch.float16: torch.int16, torch.float32: torch.int32,
-                  torch.float64: torch.int64}
+# Per float type: the integer type of the same width its mask is built in, and the bit pattern of 1.0 there
+SAME_WIDTH_INT = {dtype: (ints, torch.ones((), dtype=dtype).view(ints).item())
+                  for dtype, ints in ((torch.bfloat16, torch.int16), (torch.float16, torch.int16),
+                                      (torch.float32, torch.int32), (torch.float64, torch.int64))}
 
 
 class FastDropout(nn.Dropout):
@@ -58,8 +59,7 @@ def keep_mask(x: torch.Tensor, p: float) -> torch.Tensor:
     n = x.numel()
     bits = torch.empty((n + 3) // 4, dtype=torch.int64).random_(-2 ** 63, None)  # full 64-bit range
     draws = bits.view(torch.int16)[:n].view(x.shape)  # four independent 16-bit integers per draw
-    int_type = SAME_WIDTH_INT[x.dtype]
-    one = torch.ones((), dtype=x.dtype).view(int_type).item()  # the bit pattern of 1.0
+    int_type, one = SAME_WIDTH_INT[x.dtype]
     uniform = draws.to(int_type) if int_type != torch.int16 else draws
     uniform &= LEVELS - 1  # 15 bits: [0, 32767], so subtracting the threshold cannot overflow
     uniform -= round(p * LEVELS)

@@ -413,12 +413,16 @@ def create_app(bank, *, adapter_dir=None, admin_token: str | None = None, max_ba
                     for i, prompt in enumerate(p for p in prompts for _ in range(body.n))]
         return job
 
-    async def run(request: Request, job: Job) -> list:
-        """The job's results; a client that disconnects while it waits has its job cancelled."""
+    async def admit(job: Job) -> None:
+        """Check a job's size, then its texts (tokenized in a worker thread); raises ApiError."""
         if not 1 <= len(job.rows) <= max_inputs:
             raise ApiError(400, f"got {len(job.rows)} inputs (counting n choices each); send 1 to {max_inputs} "
                            "per request", "invalid_body")
         await run_in_threadpool(batcher.prepare, job)
+
+    async def run(request: Request, job: Job) -> list:
+        """The job's results; a client that disconnects while it waits has its job cancelled."""
+        await admit(job)
         future = asyncio.wrap_future(batcher.submit(job))
         while True:
             try:
@@ -432,10 +436,7 @@ def create_app(bank, *, adapter_dir=None, admin_token: str | None = None, max_ba
     async def stream(request: Request, job: Job, body: Sampling) -> StreamingResponse:
         """Server-sent events as OpenAI streams them: text pieces as they are decoded, then each
         choice's finish_reason, usage when stream_options.include_usage asks for it, then [DONE]."""
-        if not 1 <= len(job.rows) <= max_inputs:
-            raise ApiError(400, f"got {len(job.rows)} inputs (counting n choices each); send 1 to {max_inputs} "
-                           "per request", "invalid_body")
-        await run_in_threadpool(batcher.prepare, job)  # a bad prompt still gets its 4xx, before the stream
+        await admit(job)  # a bad prompt still gets its 4xx, before the stream
         loop, events = asyncio.get_running_loop(), asyncio.Queue()
         for index, seq in enumerate(job.rows):
             seq.on_text = lambda text, index=index: loop.call_soon_threadsafe(events.put_nowait, (index, text))
