@@ -34,6 +34,7 @@ from pathlib import Path
 
 from .bench import human_size
 from .errors import PeftkitError
+from .plots import pyplot, save, smooth
 from .presets import read_yaml, resolve_spec
 from .shipped import CHECKOUT, shipped_root
 
@@ -42,7 +43,6 @@ ROOT = shipped_root()  # benchmark files name paths under it (recipes/..., bench
 RESULTS_DIR = ROOT / "benchmarks" / "results" if ROOT == CHECKOUT else Path("benchmarks") / "results"
 REFERENCES = ("reference", "reference-tuned")  # peft + a plain Trainer script: as is, and tuned
 SPECIAL = ("full", *REFERENCES)
-PRIMARY_METRIC = {"classification": "accuracy", "qa": "f1", "generation": "rouge_l"}
 SPEED_WARMUP_STEPS = 1  # the first step (allocator warm-up, lazy init) is left out of speed and MFU
 WARMUP_STEPS = 20  # the untimed run before the table: enough batch shapes to load the common kernels
 
@@ -111,7 +111,9 @@ def recipe_for(bench: Bench, variant: Variant, extra: list[str] = ()):
     method/quantize and own overrides, then the command line's."""
     from .recipe import load_recipe
 
-    items = [f"{k}={json.dumps(v)}" for k, v in bench.overrides.items()]
+    # Timed training only: no validation passes inside the timed loop, no tracker files.
+    items = ["train.eval_steps=0", "train.report_to=[]"]
+    items += [f"{k}={json.dumps(v)}" for k, v in bench.overrides.items()]
     if variant.method not in SPECIAL:
         items.append(f"method={variant.method}")
     if variant.quantize:
@@ -303,7 +305,7 @@ def run_variant(bench: Bench, variant: Variant, extra: list[str] = ()) -> dict:
         meter.unwatch()
     with compute(precision):  # every variant is tested as it trained
         scores = task.evaluate(model, tokenizer, splits["test"], recipe, desc="test")
-    metric = PRIMARY_METRIC[recipe.task]
+    metric = recipe.best_metric
     return {
         "variant": variant.name, "method": variant.method, "quantize": variant.quantize, "precision": precision,
         "gradient_checkpointing": bool(getattr(model, "is_activation_checkpointing", False)),
@@ -486,22 +488,22 @@ def markdown(meta: dict, rows: list[dict], stem: str) -> str:
 
 
 def plot_losses(rows: list[dict], path: Path, meta: dict) -> None:
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(9, 5))
     for r in rows:
         steps, losses = zip(*r["losses"]) if r["losses"] else ((), ())
-        ax.plot(steps, _smooth(list(losses)), label=r["variant"], linewidth=1.4,
+        ax.plot(steps, smooth(list(losses)), label=r["variant"], linewidth=1.4,
                 linestyle="--" if r["method"] in SPECIAL else "-")
     ax.set_xlabel("step")
     ax.set_ylabel("training loss (moving average)")
     ax.set_title(f"{Path(meta['bench']).stem}: training loss per variant ({meta['machine']})", fontsize=9)
     ax.legend(fontsize=8, ncol=2)
     ax.grid(alpha=0.3)
-    _save(fig, path)
+    save(fig, path)
 
 
 def plot_ratio_vs_metric(rows: list[dict], path: Path, meta: dict) -> None:
-    plt = _pyplot()
+    plt = pyplot()
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 0.45 * len(rows) + 1.6), sharey=True)
     names = [r["variant"] for r in rows]
     percents = [100 * r["ratio"] for r in rows]
@@ -518,34 +520,7 @@ def plot_ratio_vs_metric(rows: list[dict], path: Path, meta: dict) -> None:
         right.text(r["score"], i, f" {r['score']:.3f}", va="center", fontsize=8)
     left.invert_yaxis()
     fig.suptitle(f"{Path(meta['bench']).stem}: what each variant trains vs what it scores", fontsize=10)
-    _save(fig, path)
-
-
-def _smooth(values: list[float]) -> list[float]:
-    window = max(1, len(values) // 25)
-    out, total = [], 0.0
-    for i, v in enumerate(values):
-        total += v - (values[i - window] if i >= window else 0.0)
-        out.append(total / min(i + 1, window))
-    return out
-
-
-def _pyplot():
-    import matplotlib
-    matplotlib.use("Agg")  # files only; no display needed
-    import matplotlib.pyplot as plt
-    return plt
-
-
-def _save(fig, path: Path) -> None:
-    from .saving import atomic_write
-    import io
-
-    buffer = io.BytesIO()
-    fig.tight_layout()
-    fig.savefig(buffer, format="png", dpi=110)
-    _pyplot().close(fig)
-    atomic_write(path, buffer.getvalue())
+    save(fig, path)
 
 
 # ---------------------------------------------------------------------------- command line

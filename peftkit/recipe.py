@@ -16,7 +16,14 @@ from .presets import read_yaml
 from .shipped import shipped
 
 RECIPES_DIR = shipped("recipes")
-TASKS = ("classification", "qa", "generation")
+# Each task's validation metrics, its main one first: what early stopping and the kept adapter go by.
+TASK_METRICS = {"classification": ("accuracy", "macro_f1"), "qa": ("f1", "exact_match"),
+                "generation": ("rouge_l", "exact_match")}
+TASKS = tuple(TASK_METRICS)
+# The trackers `train.report_to` may name, and the package each needs (transformers' integrations).
+TRACKERS = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow", "comet_ml": "comet_ml",
+            "neptune": "neptune", "clearml": "clearml", "dvclive": "dvclive", "trackio": "trackio",
+            "swanlab": "swanlab"}
 
 
 @dataclass
@@ -55,7 +62,15 @@ class Train:
     fast_dropout: bool = True  # dropout with a cheaper random mask on the CPU (dropout.py); same distribution
     precision: str = "auto"  # auto | fp32 | bf16: auto is bf16 where the hardware has it natively (precision.py)
     logging_steps: int = 10
-    save_steps: int = 200
+    save_steps: int = 200  # checkpoints without validation; with it, one at each evaluation
+    # Validation while training: every eval_steps optimizer steps the task's metrics on the validation
+    # split (at most data.max_eval_samples rows). None: four evaluations per run; 0: none.
+    eval_steps: int | None = None
+    early_stopping_patience: int | None = None  # stop after this many evaluations without improvement
+    early_stopping_threshold: float = 0.0  # an improvement must be larger than this to count
+    metric_for_best: str | None = None  # default: the task's main metric (accuracy, f1, rouge_l)
+    keep: str = "best"  # best | last: the adapter the run saves and tests
+    report_to: list[str] = field(default_factory=lambda: ["tensorboard"])  # trackers, e.g. [tensorboard, wandb]
 
 
 @dataclass
@@ -84,6 +99,41 @@ class Recipe:
         check_precision(self.train.precision)
         if self.train.lr <= 0:
             raise PeftkitError(f"train.lr must be positive, got {self.train.lr}")
+        self._check_validation()
+
+    def _check_validation(self):
+        t = self.train
+        if t.keep not in ("best", "last"):
+            raise PeftkitError(f"train.keep must be best or last, got {t.keep!r}")
+        if t.eval_steps is not None and t.eval_steps < 0:
+            raise PeftkitError(f"train.eval_steps must be 0 (no validation) or positive, got {t.eval_steps}")
+        if t.early_stopping_patience is not None and t.early_stopping_patience <= 0:
+            raise PeftkitError(f"train.early_stopping_patience must be positive (or null: off), "
+                               f"got {t.early_stopping_patience}")
+        if t.early_stopping_patience and t.eval_steps == 0:
+            raise PeftkitError("train.early_stopping_patience needs validation, but train.eval_steps is 0; "
+                               "set eval_steps to a positive number or remove early_stopping_patience")
+        metrics = TASK_METRICS[self.task]
+        if t.metric_for_best is not None and t.metric_for_best not in metrics:
+            raise PeftkitError(f"train.metric_for_best {t.metric_for_best!r} is not a {self.task} metric; "
+                               f"choose one of {', '.join(metrics)}")
+
+    @property
+    def best_metric(self) -> str:
+        return self.train.metric_for_best or TASK_METRICS[self.task][0]
+
+
+def check_trackers(names: list[str]) -> None:
+    """Each tracker is one transformers knows, and its package is installed (checked when a run
+    starts, not when a finished run's recipe is read back)."""
+    import importlib.util
+    for name in names:
+        if name not in TRACKERS:
+            raise PeftkitError(f"train.report_to: unknown tracker {name!r}; choose from {', '.join(TRACKERS)} "
+                               "(or [] for none)")
+        if importlib.util.find_spec(TRACKERS[name]) is None:
+            raise PeftkitError(f"train.report_to names {name}, but its package is not installed: "
+                               f"pip install {TRACKERS[name]}")
 
 
 def recipe_names() -> list[str]:

@@ -1,10 +1,13 @@
 """`peftkit train`: one recipe in, one evaluated, exported adapter out.
 
-The loop is transformers' Trainer (so accelerate, multi-GPU and resuming come
-with it); peftkit adds only what it lacks: checkpoints that hold the adapter
-rather than the base, and a run folder that appears only when complete.
+The loop is transformers' Trainer (so accelerate, DDP, early stopping, trackers and
+resuming come with it); peftkit adds only what it lacks: validation by the task's own
+metric (accuracy, SQuAD F1, ROUGE-L of generated text, which Trainer's loss-based
+evaluation does not compute), checkpoints that hold the adapter rather than the base,
+and a run folder that appears only when complete, written by the main process alone.
 """
 import json
+import math
 import os
 import shutil
 import time
@@ -15,8 +18,9 @@ import torch
 import yaml
 from peft import PeftModel
 from peft.helpers import disable_input_dtype_casting
-from transformers import Trainer, TrainingArguments, set_seed
-from transformers.trainer_utils import get_last_checkpoint
+from accelerate import PartialState
+from transformers import EarlyStoppingCallback, Trainer, TrainingArguments, set_seed
+from transformers.integrations import TensorBoardCallback
 
 from .attach import attach
 from .batching import LengthBucketSampler
@@ -27,17 +31,20 @@ from .loading import check_config_overrides, load_model, load_tokenizer
 from .meter import peak_memory_mb
 from .precision import choose_attention, compute, describe, resolve_precision, store_frozen_in_bf16
 from .presets import describe_spec, resolve_spec
-from .recipe import Recipe
+from .plots import plot_training
+from .recipe import Recipe, check_trackers
 from .report import param_report
 from .saving import restore_adapter_weights, staged_dir, write_adapter_files
 from .tasks import task_module
+
+EVALUATIONS = 4  # validation passes per run when the recipe does not set train.eval_steps
 
 
 class AdapterTrainer(Trainer):
     """Checkpoints hold the adapter and trained heads (plus optimizer state), never the base.
     A task may bring its own loss (generation computes logits for the answer tokens only)."""
 
-    def __init__(self, model=None, *args, task_loss=None, bf16_inputs=False, **kwargs):
+    def __init__(self, model=None, *args, task_loss=None, bf16_inputs=False, validate=None, **kwargs):
         # transformers refuses to train a quantized model unless peft (or its own adapter mixin)
         # attached the adapters; peftkit's bottleneck and prefix adapters are neither, so the
         # check sees trainable parameters on a quantized base as "no adapters". Vouch for them
@@ -53,6 +60,12 @@ class AdapterTrainer(Trainer):
             if vouch:
                 model._hf_peft_config_loaded = False
         self.task_loss = task_loss
+        # A classification or QA model's own loss is a per-batch mean whatever num_items_in_batch says.
+        # Its forward takes **kwargs, so the Trainer would take it for a sum over the counted items: no
+        # division over gradient accumulation, and times the process count under DDP (2x on 2 ranks).
+        self.model_accepts_loss_kwargs = task_loss is not None
+        self.validate = validate  # () -> the task's metrics on the validation split
+        self.validation_seconds = 0.0
         # Under bf16 autocast peft's LoRA layers cast their bf16 input to the fp32 adapter weights,
         # and autocast casts it straight back for the matmul: two copies per layer, each way, for
         # nothing. peft's own switch leaves the input as it comes (a no-op for our own methods).
@@ -68,7 +81,22 @@ class AdapterTrainer(Trainer):
         # Normalized over the whole accumulated batch when the Trainer counted its tokens
         # (as transformers' own causal-LM loss is); a per-batch mean otherwise.
         self.loss_is_scaled_for_ga = num_items_in_batch is not None
-        return self.task_loss(model, inputs, num_items_in_batch)
+        loss = self.task_loss(model, inputs, num_items_in_batch)
+        if num_items_in_batch is not None:
+            # the count covers every process's batch and DDP averages gradients over processes:
+            # scaled back, the summed gradient is the per-token mean over the global batch
+            loss = loss * self.accelerator.num_processes
+        return loss
+
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval"):
+        """The task's metrics on the validation split, logged (trackers see them) and handed to the
+        callbacks (early stopping); the Trainer picks the best checkpoint by them."""
+        start = time.perf_counter()
+        metrics = {f"{metric_key_prefix}_{k}": v for k, v in self.validate().items()}
+        self.validation_seconds += time.perf_counter() - start
+        self.log(metrics)
+        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
+        return metrics
 
     def _get_train_sampler(self, train_dataset=None):
         if self.args.train_sampling_strategy != "group_by_length":
@@ -88,6 +116,11 @@ class AdapterTrainer(Trainer):
             return super()._load_from_checkpoint(resume_from_checkpoint, model)
         restore_adapter_weights(self.model, Path(resume_from_checkpoint))
 
+    def _load_best_model(self):
+        # a checkpoint holds the adapter and heads only (see _save); peft's own reload would attach
+        # the adapter anew, over the fast-path changes make_trainer made
+        restore_adapter_weights(self.model, Path(self.state.best_model_checkpoint))
+
 
 @dataclass
 class Setup:
@@ -100,9 +133,11 @@ class Setup:
     quantize: str | None
     precision: str  # fp32 or bf16, resolved for this machine
     attention: str  # the attention implementation the model runs ("eager" where plain matmuls are faster)
+    steps: int  # optimizer steps the run will take (fewer if it stops early)
+    eval_steps: int  # steps between validation passes; 0: none
 
 
-def set_up(recipe: Recipe) -> Setup:
+def set_up(recipe: Recipe, processes: int = 1) -> Setup:
     task = task_module(recipe.task)
     precision = resolve_precision(recipe.train.precision)
     _, _, preset_quantize = resolve_spec(recipe.method)
@@ -112,6 +147,8 @@ def set_up(recipe: Recipe) -> Setup:
     tokenizer = load_tokenizer(recipe.model)
     splits = load_splits(recipe)
     prepared = task.prepare(recipe, splits, tokenizer)  # every data check happens here, before training
+    steps = planned_steps(recipe, len(prepared["train"]), processes)
+    eval_steps = _eval_steps(recipe, steps)
     taken = sorted(set(recipe.model_config) & set(prepared["model_kwargs"]))
     if taken:
         raise PeftkitError(f"model_config.{taken[0]} is set by the {recipe.task} task from the data and "
@@ -120,59 +157,140 @@ def set_up(recipe: Recipe) -> Setup:
                        matmul_dtype=torch.bfloat16 if precision == "bf16" else torch.float32,
                        **prepared["model_kwargs"], **recipe.model_config)
     attention = choose_attention(model, precision, recipe.train.batch_size, recipe.train.max_length)
-    return Setup(task, tokenizer, splits, prepared, model, quantize, precision, attention)
+    return Setup(task, tokenizer, splits, prepared, model, quantize, precision, attention, steps, eval_steps)
 
 
-def make_trainer(recipe: Recipe, setup: Setup, model, work: Path, save: bool = True,
-                 callbacks=()) -> AdapterTrainer:
+def planned_steps(recipe: Recipe, train_rows: int, processes: int) -> int:
+    """Optimizer steps of the run, as the Trainer counts them (each process takes its share of rows)."""
+    t = recipe.train
+    if t.max_steps > 0:
+        return t.max_steps
+    batches = math.ceil(math.ceil(train_rows / processes) / t.batch_size)
+    return max(1, math.ceil(t.epochs * math.ceil(batches / t.grad_accum)))
+
+
+def _eval_steps(recipe: Recipe, steps: int) -> int:
+    wanted = recipe.train.eval_steps
+    if wanted is None:
+        return math.ceil(steps / EVALUATIONS)
+    if wanted > steps:
+        raise PeftkitError(f"train.eval_steps {wanted} is longer than the run ({steps} optimizer steps); "
+                           f"set it to at most {steps}, or to 0 for no validation")
+    return wanted
+
+
+def make_trainer(recipe: Recipe, setup: Setup, model, work: Path, save: bool = True, callbacks=(),
+                 validate: bool = False) -> AdapterTrainer:
     """The Trainer for `model` (adapters attached), after the machine's fast path is set up on it:
-    the frozen base stored in bf16 when training in bf16, and the cheap CPU dropout."""
+    the frozen base stored in bf16 when training in bf16, and the cheap CPU dropout. validate=True
+    evaluates on the validation split every setup.eval_steps steps (with early stopping and the
+    best checkpoint kept, as the recipe says)."""
     store_frozen_in_bf16(model, setup.precision)
     if recipe.train.fast_dropout:
         swap_in_fast_dropout(model)
-    return AdapterTrainer(model=model, args=_arguments(recipe, work, setup.precision, save),
-                          data_collator=setup.prepared["collator"], train_dataset=setup.prepared["train"],
-                          task_loss=setup.prepared.get("loss"), callbacks=list(callbacks),
-                          bf16_inputs=setup.precision == "bf16")
+    eval_steps = setup.eval_steps if validate else 0
+    callbacks = list(callbacks)
+    if eval_steps and recipe.train.early_stopping_patience:
+        callbacks.append(EarlyStoppingCallback(recipe.train.early_stopping_patience,
+                                               recipe.train.early_stopping_threshold))
+
+    def validation_scores():
+        with compute(setup.precision):  # validation computes as training does
+            return setup.task.evaluate(model, setup.tokenizer, setup.splits["validation"], recipe, desc="validation")
+
+    trainer = AdapterTrainer(model=model, args=_arguments(recipe, work, setup.precision, save, eval_steps),
+                             data_collator=setup.prepared["collator"], train_dataset=setup.prepared["train"],
+                             eval_dataset=setup.splits["validation"] if eval_steps else None,
+                             validate=validation_scores, task_loss=setup.prepared.get("loss"),
+                             callbacks=callbacks, bf16_inputs=setup.precision == "bf16")
+    for callback in trainer.callback_handler.callbacks:
+        if isinstance(callback, TensorBoardCallback):  # into the work folder; the run folder gets it at the end
+            callback.logging_dir = str(work / "tensorboard")
+    return trainer
 
 
 def train(recipe: Recipe, resume: bool = False) -> Path:
+    """Train, validate, test and export one recipe. Under torchrun or `accelerate launch` every
+    process trains (DDP); the main one alone evaluates the base and the result, prints the summary
+    and writes the run folder."""
+    check_trackers(recipe.train.report_to)
+    # this process's place among those launched (one without a launcher); on a CPU accelerate joins
+    # the launcher's processes only when told it runs on the CPU
+    processes = PartialState(cpu=not torch.cuda.is_available())
+    main = processes.is_main_process
     run_dir = Path(recipe.output_dir) / recipe.name
-    work = run_dir.parent / f".{recipe.name}.work"  # checkpoints live here until the run ends
-    checkpoint = _checkpoint_to_resume(work, resume)
+    work = run_dir.parent / f".{recipe.name}.work"  # checkpoints and tracker files live here until the run ends
+    checkpoint = _checkpoint_to_resume(work, resume, clear=main)
 
-    setup = set_up(recipe)
+    setup = set_up(recipe, processes.num_processes)
     task, tokenizer, splits, quantize, precision = setup.task, setup.tokenizer, setup.splits, setup.quantize, \
         setup.precision
-    with compute(precision):  # evaluation computes as training does
-        before = task.evaluate(setup.model, tokenizer, splits["test"], recipe, desc="base model")
+    before = None
+    if main:
+        with compute(precision):  # evaluation computes as training does
+            before = task.evaluate(setup.model, tokenizer, splits["test"], recipe, desc="base model")
     baseline = task.baseline_scores(splits["test"], recipe) if hasattr(task, "baseline_scores") else None
     model = attach(setup.model, recipe.method, gradient_checkpointing=recipe.train.gradient_checkpointing)
     report = param_report(model)
 
-    trainer = make_trainer(recipe, setup, model, work)
+    trainer = make_trainer(recipe, setup, model, work, validate=True)
     start = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=checkpoint)
-    train_seconds = time.perf_counter() - start
+    seconds = time.perf_counter() - start
+    if not main:
+        return run_dir
     with compute(precision):
         after = task.evaluate(model, tokenizer, splits["test"], recipe, desc="adapted")
 
+    state, log = trainer.state, trainer.state.log_history
+    validation = validation_history(log, recipe)
+    training = seconds - trainer.validation_seconds
+    # The Trainer's samples/s divides the planned samples by a runtime that includes validation
+    runtime = result.metrics.get("train_runtime") or seconds
+    speed = result.metrics.get("train_samples_per_second")
+    if speed:
+        speed = round(speed * runtime / max(runtime - trainer.validation_seconds, 1e-9)
+                      * state.global_step / max(state.max_steps, 1), 3)
     metrics = {
         "task": recipe.task, "model": recipe.model, "method": recipe.method, "quantize": quantize,
         "precision": precision, "precision_detail": describe(precision, quantize, setup.attention),
         "fast_dropout": recipe.train.fast_dropout,
         "test_examples": len(splits["test"]), "base": before, "adapted": after,
         **({"baseline": baseline} if baseline else {}),
-        "train_seconds": round(train_seconds, 1),
-        "train_samples_per_second": result.metrics.get("train_samples_per_second"),
+        "metric_for_best": recipe.best_metric, "eval_steps": setup.eval_steps,
+        "validation_examples": len(splits["validation"]) if validation else 0,
+        "validation": validation, "best_step": state.best_global_step if validation else None,
+        "kept": recipe.train.keep if validation else "last",
+        "kept_validation": _kept_validation(validation, state, recipe),
+        "stopped_step": state.global_step, "planned_steps": setup.steps,
+        "world_size": processes.num_processes,
+        "train_seconds": round(training, 1), "validation_seconds": round(trainer.validation_seconds, 1),
+        "train_samples_per_second": speed,
         "peak_memory_mb": round(peak_memory_mb(), 1),
         "trainable_params": report["trainable"], "total_params": report["total"],
         "trainable_ratio": report["ratio"],
     }
-    _write_run(run_dir, model, recipe, metrics, trainer.state.log_history)
+    _write_run(run_dir, model, recipe, metrics, log, work)
     shutil.rmtree(work, ignore_errors=True)
     print(summary(run_dir, metrics))
     return run_dir
+
+
+def validation_history(log: list[dict], recipe: Recipe) -> list[dict]:
+    """[{"step": s, "<metric>": v, ...}] from the Trainer's log, one per validation pass."""
+    from .recipe import TASK_METRICS
+    names = TASK_METRICS[recipe.task]
+    return [{"step": row["step"], **{name: row[f"eval_{name}"] for name in names if f"eval_{name}" in row}}
+            for row in log if f"eval_{recipe.best_metric}" in row]
+
+
+def _kept_validation(validation: list[dict], state, recipe: Recipe) -> dict | None:
+    """The validation scores of the adapter the run keeps: at the best step, or the last pass."""
+    if not validation:
+        return None
+    step = state.best_global_step if recipe.train.keep == "best" else validation[-1]["step"]
+    kept = [row for row in validation if row["step"] == step] or validation[-1:]
+    return {k: v for k, v in kept[-1].items() if k != "step"}
 
 
 def summary(run_dir: Path, metrics: dict) -> str:
@@ -184,25 +302,46 @@ def summary(run_dir: Path, metrics: dict) -> str:
             f"trainable    {metrics['trainable_params']:,} of {metrics['total_params']:,} "
             f"({metrics['trainable_ratio']:.3%})",
             f"train        {metrics['train_seconds']} s, {metrics['train_samples_per_second']} samples/s, "
-            f"peak memory {metrics['peak_memory_mb']} MB",
-            f"test ({metrics['test_examples']} examples)"]
+            f"peak memory {metrics['peak_memory_mb']} MB"
+            + (f", {metrics['world_size']} processes" if metrics["world_size"] > 1 else "")]
+    if metrics["validation"]:
+        metric, history = metrics["metric_for_best"], metrics["validation"]
+        stopped = metrics["stopped_step"] < metrics["planned_steps"]
+        rows.append(f"validation   {len(history)} passes on {metrics['validation_examples']} examples "
+                    f"({metrics['validation_seconds']} s): {metric} "
+                    + " ".join(f"{row[metric]:.4f}@{row['step']}" for row in history[-6:]))
+        rows.append(f"kept         the {metrics['kept']} adapter: step "
+                    f"{metrics['best_step'] if metrics['kept'] == 'best' else history[-1]['step']}, "
+                    f"validation {metric} {metrics['kept_validation'][metric]:.4f}"
+                    + (f"; stopped early at step {metrics['stopped_step']} of {metrics['planned_steps']}"
+                       if stopped else ""))
+    else:
+        rows.append("validation   off (train.eval_steps: 0); the adapter of the last step is kept")
+    rows.append(f"test ({metrics['test_examples']} examples)")
     for key in metrics["adapted"]:
         rows.append(f"  {key:<11} base {metrics['base'][key]:.4f}  ->  adapted {metrics['adapted'][key]:.4f}")
+    tensorboard = (Path(run_dir) / "tensorboard").is_dir()
+    rows.append("files        adapter, metrics.json, training.png"
+                + (f", tensorboard/  (tensorboard --logdir {Path(run_dir).parent})" if tensorboard else ""))
     rows.append(f"load it      peftkit.load_adapter(base_model, '{run_dir}')  or  peftkit predict {run_dir} --input -")
     return "\n".join(rows)
 
 
-def _checkpoint_to_resume(work: Path, resume: bool) -> str | None:
+def _checkpoint_to_resume(work: Path, resume: bool, clear: bool = True) -> str | None:
     if not resume:
-        shutil.rmtree(work, ignore_errors=True)  # a new run starts clean; a finished run's folder is untouched
+        if clear:  # a new run starts clean (the main process clears); a finished run's folder is untouched
+            shutil.rmtree(work, ignore_errors=True)
         return None
-    last = get_last_checkpoint(str(work / "checkpoints")) if (work / "checkpoints").is_dir() else None
-    if last is None:
-        raise PeftkitError(f"--resume: no checkpoint under {work / 'checkpoints'}; start the run without --resume")
-    return last
+    # The Trainer writes its state last: a checkpoint without it was cut short by the interruption
+    complete = sorted((int(p.name.split("-")[-1]), p) for p in (work / "checkpoints").glob("checkpoint-*")
+                      if p.name.split("-")[-1].isdigit() and (p / "trainer_state.json").is_file())
+    if not complete:
+        raise PeftkitError(f"--resume: no complete checkpoint under {work / 'checkpoints'}; "
+                           "start the run without --resume")
+    return str(complete[-1][1])
 
 
-def _arguments(recipe: Recipe, work: Path, precision: str, save: bool = True) -> TrainingArguments:
+def _arguments(recipe: Recipe, work: Path, precision: str, save: bool = True, eval_steps: int = 0) -> TrainingArguments:
     t = recipe.train
     gpu = torch.cuda.is_available()
     return TrainingArguments(
@@ -217,26 +356,37 @@ def _arguments(recipe: Recipe, work: Path, precision: str, save: bool = True) ->
         max_steps=t.max_steps,
         logging_steps=t.logging_steps,
         save_strategy="steps" if save else "no",
-        save_steps=t.save_steps,
-        save_total_limit=2,
+        save_steps=eval_steps or t.save_steps,  # with validation, a checkpoint at each pass: the best is kept
+        save_total_limit=2,  # the latest two, and the best one besides
+        eval_strategy="steps" if eval_steps else "no",
+        eval_steps=eval_steps or None,
+        metric_for_best_model=recipe.best_metric if eval_steps else None,
+        greater_is_better=True,  # accuracy, F1, ROUGE-L, exact match
+        load_best_model_at_end=bool(eval_steps and save) and t.keep == "best",
+        restore_callback_states_from_checkpoint=True,  # --resume: early stopping's count goes on
         seed=t.seed,
         data_seed=t.seed,
         train_sampling_strategy="group_by_length" if t.group_by_length else "random",
         bf16=precision == "bf16",  # autocast; adapters and heads keep fp32 weights
         use_cpu=not gpu,
-        report_to=[],
+        report_to=list(t.report_to),
         dataloader_num_workers=0,
+        ddp_find_unused_parameters=False,  # every adapter parameter takes part in every forward pass
         remove_unused_columns=False,
     )
 
 
-def _write_run(run_dir: Path, model, recipe: Recipe, metrics: dict, log: list) -> None:
+def _write_run(run_dir: Path, model, recipe: Recipe, metrics: dict, log: list, work: Path) -> None:
     with staged_dir(run_dir) as tmp:
         write_adapter_files(model, tmp)
         (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
         (tmp / "recipe.yaml").write_text(yaml.safe_dump(_saved_recipe(recipe), sort_keys=False))
         (tmp / "train_log.jsonl").write_text("".join(json.dumps(row) + "\n" for row in log))
         (tmp / "README.md").write_text(_model_card(run_dir, recipe, metrics))
+        plot_training(log, tmp / "training.png", recipe.best_metric,
+                      f"{recipe.name}: {describe_spec(recipe.method)} on {recipe.model}")
+        if (work / "tensorboard").is_dir():
+            shutil.copytree(work / "tensorboard", tmp / "tensorboard")
 
 
 def _saved_recipe(recipe: Recipe) -> dict:

@@ -79,7 +79,7 @@ def test_train_eval_predict_end_to_end(tmp_path):
     run_dir = train(load_recipe("sentiment-lora", TINY + [f"output_dir={tmp_path}"]))
     names = sorted(p.name for p in run_dir.iterdir())
     assert names == ["README.md", "adapter_config.json", "adapter_model.safetensors", "metrics.json", "peftkit.json",
-                     "recipe.yaml", "train_log.jsonl"]
+                     "recipe.yaml", "tensorboard", "train_log.jsonl", "training.png"]
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert set(metrics["base"]) == set(metrics["adapted"]) == {"accuracy", "macro_f1"}
     assert 0 < metrics["trainable_ratio"] < 0.01 and metrics["train_samples_per_second"] > 0
@@ -137,7 +137,7 @@ def test_model_config_reaches_training_and_the_reopened_run(tmp_path):
 
 
 def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path):
-    steps = ["data.max_train_samples=96", "data.max_eval_samples=32", "train.max_steps=12", "train.save_steps=4",
+    steps = ["data.max_train_samples=96", "data.max_eval_samples=32", "train.max_steps=12", "train.eval_steps=4",
              "train.batch_size=8", "train.max_length=32", "train.logging_steps=1", "train.lr=2e-3"]
     cli = [sys.executable, "-m", "peftkit.cli", "train", "sentiment-lora"]
     whole = tmp_path / "whole"

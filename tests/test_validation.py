@@ -1,0 +1,160 @@
+"""Training as practitioners do it: validation passes, the best adapter kept, early stopping,
+resume with the best-so-far state, TensorBoard files, bad settings refused, DDP on 2 processes."""
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+import peftkit.tasks.classification as classification
+from peftkit.errors import PeftkitError
+from peftkit.recipe import load_recipe
+from peftkit.train import AdapterTrainer, train
+
+TINY = ["data.max_train_samples=64", "data.max_eval_samples=16", "train.batch_size=8", "train.max_length=32",
+        "train.logging_steps=1", "train.lr=2e-3"]
+WEIGHTS = "adapter_model.safetensors"
+
+
+@pytest.fixture
+def scripted(monkeypatch):
+    """Validation accuracy follows a script (one value per pass); the test split is scored for real."""
+    real, script = classification.evaluate, []
+
+    def evaluate(model, tokenizer, dataset, recipe, desc="evaluating"):
+        scores = real(model, tokenizer, dataset, recipe, desc)
+        return {**scores, "accuracy": script.pop(0)} if desc == "validation" else scores
+    monkeypatch.setattr(classification, "evaluate", evaluate)
+    return script
+
+
+@pytest.fixture
+def checkpoints(monkeypatch, tmp_path):
+    """Keeps a copy of each checkpoint's adapter (the run deletes its checkpoints when it ends)."""
+    kept, save = tmp_path / "copies", AdapterTrainer._save
+
+    def copy(self, output_dir=None, state_dict=None):
+        save(self, output_dir, state_dict)
+        shutil.copy(Path(output_dir) / WEIGHTS, kept / f"{self.state.global_step}.safetensors")
+    kept.mkdir()
+    monkeypatch.setattr(AdapterTrainer, "_save", copy)
+    return kept
+
+
+def _equal(a: Path, b: Path) -> bool:
+    left, right = load_file(a), load_file(b)
+    return left.keys() == right.keys() and all((left[k] == right[k]).all() for k in left)
+
+
+def test_the_kept_adapter_is_the_checkpoint_at_the_best_step(tmp_path, scripted, checkpoints):
+    scripted += [0.5, 0.9, 0.6, 0.7]
+    run = train(load_recipe("sentiment-lora", TINY + ["train.max_steps=4", "train.eval_steps=1",
+                                                       f"output_dir={tmp_path / 'best'}"]))
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert [(row["step"], row["accuracy"]) for row in metrics["validation"]] == [(1, .5), (2, .9), (3, .6), (4, .7)]
+    assert metrics["best_step"] == 2 and metrics["kept"] == "best" and metrics["kept_validation"]["accuracy"] == 0.9
+    assert metrics["stopped_step"] == 4 and metrics["world_size"] == 1
+    assert _equal(run / WEIGHTS, checkpoints / "2.safetensors")
+    assert not _equal(run / WEIGHTS, checkpoints / "4.safetensors")  # the steps after it did change the adapter
+    # the test scores reported are the kept adapter's
+    from peftkit.runs import open_run
+    assert open_run(run).evaluate("test") == pytest.approx(metrics["adapted"])
+    assert (run / "training.png").read_bytes()[:4] == b"\x89PNG"
+
+    for copy in checkpoints.iterdir():
+        copy.unlink()
+    scripted += [0.5, 0.9, 0.6, 0.7]
+    run = train(load_recipe("sentiment-lora", TINY + ["train.max_steps=4", "train.eval_steps=1", "train.keep=last",
+                                                       f"output_dir={tmp_path / 'last'}"]))
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["kept"] == "last" and metrics["best_step"] == 2 and metrics["kept_validation"]["accuracy"] == 0.7
+    assert _equal(run / WEIGHTS, checkpoints / "4.safetensors")
+
+
+def test_early_stopping_ends_a_run_that_cannot_improve(tmp_path, scripted):
+    scripted += [0.6] * 10
+    run = train(load_recipe("sentiment-lora", TINY + ["train.max_steps=10", "train.eval_steps=1",
+                                                       "train.early_stopping_patience=2", f"output_dir={tmp_path}"]))
+    metrics = json.loads((run / "metrics.json").read_text())
+    # the first pass sets the best; the next two do not beat it
+    assert metrics["stopped_step"] == 3 and metrics["planned_steps"] == 10 and metrics["best_step"] == 1
+    assert len(metrics["validation"]) == 3
+    log = [json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines()]
+    assert max(row["step"] for row in log) == 3
+
+
+def test_resume_keeps_the_best_so_far_and_the_patience_count(tmp_path, scripted, checkpoints, monkeypatch):
+    settings = TINY + ["train.max_steps=10", "train.eval_steps=1", "train.early_stopping_patience=3",
+                       f"output_dir={tmp_path}"]
+    scripted += [0.5, 0.9, 0.6, 0.7]
+    save = AdapterTrainer._save
+
+    def crash_in_checkpoint_4(self, output_dir=None, state_dict=None):
+        save(self, output_dir, state_dict)
+        if self.state.global_step == 4:
+            raise KeyboardInterrupt  # the machine went away while checkpoint 4 was half written
+    monkeypatch.setattr(AdapterTrainer, "_save", crash_in_checkpoint_4)
+    with pytest.raises(KeyboardInterrupt):
+        train(load_recipe("sentiment-lora", settings))
+    assert not (tmp_path / "sentiment-lora").exists()
+
+    monkeypatch.setattr(AdapterTrainer, "_save", save)
+    scripted += [0.65, 0.8, 0.9, 0.95]  # resumed from checkpoint 3: passes at 4 and 5 do not beat 0.9
+    run = train(load_recipe("sentiment-lora", settings), resume=True)
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["best_step"] == 2 and metrics["stopped_step"] == 5  # passes at 3, 4, 5 did not improve
+    assert [row["step"] for row in metrics["validation"]] == [1, 2, 3, 4, 5]
+    assert _equal(run / WEIGHTS, checkpoints / "2.safetensors")
+    assert scripted == [0.9, 0.95]
+
+
+def test_tensorboard_event_files_hold_the_logged_scalars(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    run = train(load_recipe("sentiment-lora", TINY + ["train.max_steps=4", "train.eval_steps=2",
+                                                       f"output_dir={tmp_path}"]))
+    events = EventAccumulator(str(run / "tensorboard"))
+    events.Reload()
+    assert {"train/loss", "train/learning_rate", "eval/accuracy", "eval/macro_f1"} <= set(events.Tags()["scalars"])
+    assert [e.step for e in events.Scalars("eval/accuracy")] == [2, 4]
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert [e.value for e in events.Scalars("eval/accuracy")] == pytest.approx(
+        [row["accuracy"] for row in metrics["validation"]])
+
+
+@pytest.mark.parametrize("settings, message", [
+    (["train.max_steps=4", "train.eval_steps=9"], r"train.eval_steps 9 is longer than the run \(4 optimizer steps\)"),
+    (["train.eval_steps=0", "train.early_stopping_patience=2"], "early_stopping_patience needs validation"),
+    (["train.metric_for_best=rouge_l"], "metric_for_best 'rouge_l' is not a classification metric; choose one of "
+                                        "accuracy, macro_f1"),
+    (["train.report_to=[wandb]"], "report_to names wandb, but its package is not installed: pip install wandb"),
+    (["train.report_to=[tensorbored]"], "unknown tracker 'tensorbored'; choose from tensorboard, wandb"),
+    (["train.keep=first"], "train.keep must be best or last"),
+])
+def test_bad_training_settings_are_refused_before_training(tmp_path, settings, message, monkeypatch):
+    started = []
+    monkeypatch.setattr(AdapterTrainer, "train", lambda self, *a, **k: started.append(1))
+    with pytest.raises(PeftkitError, match=message):
+        train(load_recipe("sentiment-lora", TINY + settings + [f"output_dir={tmp_path}"]))
+    assert not started and not (tmp_path / "sentiment-lora").exists()
+
+
+def test_two_process_ddp_writes_one_run_with_single_process_loss_scale(tmp_path):
+    common = ["sentiment-lora", *TINY, "train.max_steps=3", "train.eval_steps=3", "train.seed=3"]
+    ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "peftkit",
+                          "train", *common, f"output_dir={tmp_path / 'ddp'}"],
+                         capture_output=True, text=True, timeout=600)
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    assert ddp.stdout.count("run          ") == 1  # one summary, from the main process
+    assert sorted(p.name for p in (tmp_path / "ddp").iterdir()) == ["sentiment-lora"]  # no work folder left
+    metrics = json.loads((tmp_path / "ddp" / "sentiment-lora" / "metrics.json").read_text())
+    assert metrics["world_size"] == 2
+    # the same global batch (2 x 8) in one process
+    single = train(load_recipe(common[0], common[1:] + ["train.batch_size=16", f"output_dir={tmp_path / 'one'}"]))
+    first = {name: [json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines()][0]
+             for name, run in (("ddp", tmp_path / "ddp" / "sentiment-lora"), ("one", single))}
+    # per-sample means on both sides (ln 2 for a fresh two-class head), not the sum over processes
+    assert first["ddp"]["loss"] == pytest.approx(first["one"]["loss"], rel=0.15)
+    assert first["ddp"]["grad_norm"] == pytest.approx(first["one"]["grad_norm"], rel=0.5)
