@@ -19,6 +19,7 @@ How every row of one forward pass gets its own adapter:
 A call sets the selection, runs, and clears it, so nothing carries over from one call to the next.
 Base weights are loaded once and never copied; an adapter costs the tensors of its own file.
 """
+import inspect
 import math
 import re
 from contextlib import contextmanager
@@ -28,7 +29,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import LogitsProcessorList, StoppingCriteriaList
+from transformers import DynamicCache, LogitsProcessorList, StoppingCriteriaList
 from transformers.pytorch_utils import Conv1D
 
 from .attach import BOTTLENECK, base_name, task_heads, tuner
@@ -45,6 +46,7 @@ PEFT_TASKS = {"CAUSAL_LM": "causal-lm", "SEQ_CLS": "classification", "QUESTION_A
 LORA_PREFIX = "base_model.model."  # peft's key prefix in adapter_model.safetensors
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
 DEFAULTS = {"max_new_tokens": 32, "cls_max_length": 512, "qa_max_length": 384, "doc_stride": 128}
+PREFILL_TOKENS = 512  # prompt tokens (rows x columns) one prefill step of decode takes at most
 
 
 @dataclass
@@ -229,8 +231,11 @@ class AdapterBank:
     def decode(self, seqs: list[Sequence], between_steps=None) -> None:
         """Generate for each Sequence (its own adapter, limits, sampling and stop strings), in batches
         of batch_size rows (left padded) whatever adapters the rows use. `between_steps` runs after
-        each token step of a batch. Between steps the batch passes the model's lock to any waiter that
-        has had fewer turns (peftkit.turns), then selects its adapters again."""
+        each step of a batch: each token step, and each prefill chunk of a long prompt (a batch over
+        PREFILL_TOKENS prompt tokens runs its prompt through the model that many tokens at a time).
+        Between steps the batch passes the model's lock to any waiter that has had fewer turns
+        (peftkit.turns), then selects its adapters again, so no batch holds the model for more than
+        one bounded step. Rows cancelled before their first token end as "cancelled" without one."""
         from .tasks.generation import CausalCollator
         self._need("causal-lm", "generate")
         self._rows([s.adapter for s in seqs], len(seqs))
@@ -240,15 +245,13 @@ class AdapterBank:
         eos |= set(config_eos if isinstance(config_eos, list) else [config_eos])
         eos.discard(None)
         for start in range(0, len(seqs), self.batch_size):
-            for s in seqs[start:start + self.batch_size]:
-                if not s.finish_reason and s.cancelled():
-                    s.finish_reason = "cancelled"
-            chunk = [s for s in seqs[start:start + self.batch_size] if not s.finish_reason]
+            chunk = _live(seqs[start:start + self.batch_size])
             if not chunk:
                 continue
             rows = [s.adapter for s in chunk]
             batch = CausalCollator(pad, side="left")([{"input_ids": s.prompt, "attention_mask": [1] * len(s.prompt)}
                                                       for s in chunk])
+            inputs = {k: v.to(self.model.device) for k, v in batch.items()}
 
             steps = [0]
 
@@ -257,14 +260,50 @@ class AdapterBank:
                 self.lock.pass_turn(had=steps[0])
                 self._rows(rows, len(rows))  # an adapter unloaded meanwhile fails this batch clearly
                 self._select(rows)
-            watch = Watch(chunk, self.tokenizer, eos, pass_turn if between_steps is None else
-                          lambda: (between_steps(), pass_turn()))
-            self.generate_ids(rows, **{k: v.to(self.model.device) for k, v in batch.items()},
-                              max_new_tokens=max(s.max_tokens for s in chunk), pad_token_id=pad,
-                              eos_token_id=sorted(eos), logits_processor=LogitsProcessorList([RowSampler(chunk)]),
-                              stopping_criteria=StoppingCriteriaList([watch]))
+            step = pass_turn if between_steps is None else lambda: (between_steps(), pass_turn())
+            with self.lock:  # prefill and generation are one job: its turns count on from one to the other
+                if inputs["input_ids"].numel() > PREFILL_TOKENS and self._can_prefill():
+                    inputs = self._prefill(chunk, inputs, step)
+                    if not _live(chunk):  # every client left during the prefill
+                        continue
+                self.generate_ids(rows, **inputs, max_new_tokens=max(s.max_tokens for s in chunk),
+                                  pad_token_id=pad, eos_token_id=sorted(eos),
+                                  logits_processor=LogitsProcessorList([RowSampler(chunk)]),
+                                  stopping_criteria=StoppingCriteriaList([Watch(chunk, self.tokenizer, eos, step)]))
             for s in chunk:  # the watch ends every row itself; this only covers generate stopping first
                 s.finish_reason = s.finish_reason or "length"
+
+    def _prefill(self, seqs: list[Sequence], inputs: dict, step) -> dict:
+        """Run every prompt column but the last into a cache, PREFILL_TOKENS tokens at a time with a
+        `step` (a turn for others) after each chunk, where generate would run them in one forward.
+        Returns generate's inputs to go on from the cache: the last column and the full mask (it then
+        runs only that column, numbered from the mask). Not the full ids: generate would skip as many
+        columns as the cache holds, and a prefix adapter's slots are in the cache too."""
+        ids, mask = inputs["input_ids"], inputs["attention_mask"]
+        positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)  # as generate numbers left-padded rows
+        cache = DynamicCache(config=self.model.config.get_text_config(decoder=True))
+        width = max(1, PREFILL_TOKENS // len(seqs))
+        rows = [s.adapter for s in seqs]
+        with torch.inference_mode(), self.lock, self._use(rows):
+            for start in range(0, ids.shape[1] - 1, width):
+                end = min(start + width, ids.shape[1] - 1)
+                # the body alone: it fills the cache, and the LM head's logits here would be thrown away
+                self.model.base_model(input_ids=ids[:, start:end], attention_mask=mask[:, :end],
+                                      position_ids=positions[:, start:end], cache=cache, use_cache=True)
+                step()
+                if not _live(seqs):
+                    break
+        return {"input_ids": ids[:, -1:], "attention_mask": mask, "cache": cache}
+
+    def _can_prefill(self) -> bool:
+        """Whether generate can go on from a DynamicCache that the model's body fills. Not for models
+        with a cache of their own kind (rwkv, xlnet, a cache_implementation in the generation config,
+        which generate refuses beside a cache) nor bodies that take no cache or positions: those
+        prefill in one step, as generate does."""
+        supports = getattr(self.model, "_supports_default_dynamic_cache", None)
+        takes = inspect.signature(self.model.base_model.forward).parameters
+        return (supports is not None and supports() and {"cache", "position_ids", "use_cache"} <= takes.keys()
+                and getattr(self.model.generation_config, "cache_implementation", None) is None)
 
     def classify(self, texts, adapter) -> list[dict]:
         """{"label", "score", "scores"} per text, each scored by its row's adapter."""
@@ -554,6 +593,14 @@ def _stack_rows(pairs: list) -> tuple[torch.Tensor, torch.Tensor]:
     b = torch.stack([zero_b if p is None else p[1] if p[1].shape[0] == r else F.pad(p[1], (0, 0, 0, r - p[1].shape[0]))
                      for p in pairs])
     return a, b
+
+
+def _live(seqs: list[Sequence]) -> list[Sequence]:
+    """The rows still to generate; rows whose client has gone end as "cancelled"."""
+    for s in seqs:
+        if not s.finish_reason and s.cancelled():
+            s.finish_reason = "cancelled"
+    return [s for s in seqs if not s.finish_reason]
 
 
 def _collapse(names: list):

@@ -16,10 +16,11 @@ penalties, ...) get a 400 that names them, never silent neglect.
 
 Concurrent requests share the model fairly. A dispatcher thread groups waiting requests of one
 kind (up to max_batch rows, whatever adapters they name) into batches, and worker threads run
-the batches in turns: a generating batch offers the bank's lock after every token, a classify or
-answer batch after every chunk of rows, and the lock goes to the waiting batch that has had the
-fewest turns (peftkit.turns). A new small request runs as soon as the step under way ends; long
-ones alternate step by step; none waits for a whole long one. A client that
+the batches in turns: a generating batch offers the bank's lock after every token (and after
+every chunk of its prompts, bank.PREFILL_TOKENS tokens), a classify or answer batch after every
+chunk of rows, and the lock goes to the waiting batch that has had the fewest turns
+(peftkit.turns). A new small request runs as soon as the step under way ends; long ones
+alternate step by step; none waits for a whole long one. A client that
 disconnects (or stops reading a stream) has its rows end at the next step; their batch-mates go on.
 Bad requests get a 4xx with {"error": {"message", "type", "code", "param"}}. A body over
 max_body_bytes gets 413 before it is read whole. A 500 says only its request id (also in the

@@ -9,6 +9,8 @@ import json
 import random
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -17,7 +19,9 @@ from conftest import CLASSES, SIZES, tiny_inputs
 
 import peftkit
 from peftkit import AdapterBank, PeftkitError
+from peftkit import bank as bank_module
 from peftkit.cli import main
+from peftkit.decoding import Sequence
 
 ATOL = 1e-5
 PREFIX = {"method": "prefix", "num_virtual_tokens": 4, "prefix_projection": True}
@@ -79,6 +83,14 @@ def lm_inputs():
 
 def outputs(out):
     return torch.stack([out.start_logits, out.end_logits], -1) if hasattr(out, "start_logits") else out.logits
+
+
+def wait_until(condition):
+    for _ in range(5000):
+        if condition():
+            return
+        time.sleep(0.001)
+    raise AssertionError("timed out")
 
 
 def reference(spec_file, out_file):
@@ -329,6 +341,111 @@ def test_cli_predict_with_several_adapters(text_banks, tmp_path, capsys):
     assert "row 1 does not name its adapter" in capsys.readouterr().err
     assert main(args[:3] + ["--adapter", "topic"] + args[-2:]) == 2
     assert "NAME=DIR" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------- long prompts: chunked prefill
+
+@pytest.fixture(scope="module")
+def decode_bank(tmp_path_factory):
+    """A tiny Llama with SmolLM2's tokenizer and adapters of each kind that touches the prompt's
+    keys and values differently (prefixes of two lengths move rows' positions differently)."""
+    root = tmp_path_factory.mktemp("decode")
+    bank = AdapterBank(tiny("llama", "lm"), tokenizer=peftkit.load_tokenizer("smollm2-135m"))
+    for i, (name, spec) in enumerate({"lora": {"method": "lora", "init_lora_weights": False}, "houlsby": "houlsby",
+                                      "prefix": PREFIX, "prefix6": {"method": "prefix", "num_virtual_tokens": 6}}
+                                     .items()):
+        bank.load(name, make_adapter(tiny("llama", "lm"), spec, root / name, seed=i))
+    return bank
+
+
+def prompts(lengths, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, 128, (n,), generator=g).tolist() for n in lengths]
+
+
+def decode(bank, rows, lengths, **options):
+    """Sequences decoded, with the number of between_steps calls."""
+    seqs = [Sequence(p, adapter=a, max_tokens=6, **options) for p, a in zip(prompts(lengths), rows)]
+    calls = []
+    bank.decode(seqs, between_steps=lambda: calls.append(1))
+    return seqs, len(calls)
+
+
+@pytest.mark.parametrize("options", [{}, {"temperature": 0.9, "seed": 7}], ids=["greedy", "sampled"])
+def test_chunked_prefill_gives_the_same_tokens(decode_bank, monkeypatch, options):
+    monkeypatch.setattr(decode_bank, "batch_size", 3)  # a long batch (3 x 40 tokens) and a short one (2 x 12)
+    rows = ["lora", "prefix", "houlsby", "prefix6", None]
+    lengths = [40, 5, 33, 12, 3]
+    results = {}
+    for limit in (30, 10 ** 9):
+        monkeypatch.setattr(bank_module, "PREFILL_TOKENS", limit)
+        seqs, steps = decode(decode_bank, rows, lengths, **options)
+        results[limit] = [(s.tokens, s.finish_reason) for s in seqs], steps
+    (chunked, chunked_steps), (whole, whole_steps) = results[30], results[10 ** 9]
+    assert chunked == whole
+    assert all(reason for _, reason in chunked)
+    assert chunked_steps > whole_steps  # the long batch did run its prompt in chunks
+
+
+def test_a_long_prompt_lets_others_use_the_model_before_its_first_token(decode_bank, monkeypatch):
+    monkeypatch.setattr(bank_module, "PREFILL_TOKENS", 8)
+    long = Sequence(prompts([40])[0], adapter="lora", max_tokens=4)
+    other = {}
+    steps_before_first_token = []
+
+    def between_steps():
+        if not long.tokens:
+            steps_before_first_token.append(1)
+        if "thread" not in other:  # another client asks for the model while the long prompt runs
+            other["thread"] = threading.Thread(target=lambda: other.update(
+                out=decode_bank.forward("houlsby", **tiny_inputs(batch=2)), tokens_then=len(long.tokens)))
+            other["thread"].start()
+            wait_until(lambda: decode_bank.lock._waiting)
+    decode_bank.decode([long], between_steps=between_steps)
+    other["thread"].join()
+    assert other["tokens_then"] == 0  # served between prefill chunks, not after the first token
+    assert len(steps_before_first_token) >= 40 // 8 - 1  # 40 prompt tokens, 8 per chunk
+    assert long.finish_reason == "length" and len(long.tokens) == 4
+
+
+def test_a_row_cancelled_during_prefill_ends_without_its_batch_mates_noticing(decode_bank, monkeypatch):
+    monkeypatch.setattr(bank_module, "PREFILL_TOKENS", 16)
+    rows, lengths = ["prefix", "lora", None], [40, 25, 9]
+    uncancelled, _ = decode(decode_bank, rows, lengths)
+    seqs = [Sequence(p, adapter=a, max_tokens=6) for p, a in zip(prompts(lengths), rows)]
+    gone = set()
+    seqs[0].cancelled = lambda: 0 in gone
+    steps = []
+
+    def between_steps():
+        steps.append(1)
+        if len(steps) == 2:  # during prefill: 3 rows x 40 columns, 5 columns a chunk
+            gone.add(0)
+    decode_bank.decode(seqs, between_steps=between_steps)
+    assert seqs[0].finish_reason == "cancelled" and seqs[0].tokens == []
+    assert [(s.tokens, s.finish_reason) for s in seqs[1:]] == [(s.tokens, s.finish_reason) for s in uncancelled[1:]]
+
+    everyone = [Sequence(p, adapter=a, max_tokens=6, cancelled=lambda: len(steps) >= 2)
+                for p, a in zip(prompts(lengths), rows)]
+    steps.clear()
+    decode_bank.decode(everyone, between_steps=lambda: steps.append(1))
+    assert [(s.tokens, s.finish_reason) for s in everyone] == [([], "cancelled")] * 3
+    assert len(steps) == 2  # the batch stopped at the chunk after which its last client left
+
+
+def test_chunked_prefill_on_a_4bit_base_gives_the_same_tokens(decode_bank, tmp_path, monkeypatch):
+    tiny("llama", "lm").save_pretrained(tmp_path / "base")
+    decode_bank.tokenizer.save_pretrained(tmp_path / "base")
+    bank = AdapterBank(str(tmp_path / "base"), quantize="nf4")
+    assert type(bank.model.model.layers[0].self_attn.q_proj).__name__ == "Linear4bit"
+    for name in ("lora", "prefix"):
+        bank.load(name, decode_bank.describe(name)["path"])
+    results = []
+    for limit in (10, 10 ** 9):
+        monkeypatch.setattr(bank_module, "PREFILL_TOKENS", limit)
+        seqs, steps = decode(bank, ["prefix", "lora", None], [30, 4, 21])
+        results.append(([s.tokens for s in seqs], steps))
+    assert results[0][0] == results[1][0] and results[0][1] > results[1][1]
 
 
 # ---------------------------------------------------------------------------- the real embedded models
