@@ -20,6 +20,11 @@ import warnings
 logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(
     lambda record: "kernels-community" not in record.getMessage())
 
+# The Trainer orders checkpoints by file time to rotate them and, when its steps are under a second
+# apart (a short run), says it falls back to their step numbers: which is what it should do anyway.
+logging.getLogger("transformers.trainer_utils").addFilter(
+    lambda record: "mtime may not be reliable" not in record.getMessage())
+
 # peft still reads transformers' old gradient-checkpointing names, which warn on every run: not
 # the user's to fix (peftkit itself calls the new names).
 warnings.filterwarnings("ignore", message="`(is_)?gradient_checkpointing(_enable)?` is deprecated",

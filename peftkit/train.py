@@ -209,10 +209,11 @@ def make_trainer(recipe: Recipe, setup: Setup, model, work: Path, save: bool = T
     return trainer
 
 
-def train(recipe: Recipe, resume: bool = False) -> Path:
+def train(recipe: Recipe, resume: bool = False, test: bool = True) -> Path:
     """Train, validate, test and export one recipe. Under torchrun or `accelerate launch` every
     process trains (DDP); the main one alone evaluates the base and the result, prints the summary
-    and writes the run folder."""
+    and writes the run folder. test=False leaves the test split alone (a sweep's trials are chosen
+    by validation; only the chosen one is tested)."""
     check_trackers(recipe.train.report_to)
     # this process's place among those launched (one without a launcher); on a CPU accelerate joins
     # the launcher's processes only when told it runs on the CPU
@@ -226,10 +227,10 @@ def train(recipe: Recipe, resume: bool = False) -> Path:
     task, tokenizer, splits, quantize, precision = setup.task, setup.tokenizer, setup.splits, setup.quantize, \
         setup.precision
     before = None
-    if main:
+    if main and test:
         with compute(precision):  # evaluation computes as training does
             before = task.evaluate(setup.model, tokenizer, splits["test"], recipe, desc="base model")
-    baseline = task.baseline_scores(splits["test"], recipe) if hasattr(task, "baseline_scores") else None
+    baseline = task.baseline_scores(splits["test"], recipe) if test and hasattr(task, "baseline_scores") else None
     model = attach(setup.model, recipe.method, gradient_checkpointing=recipe.train.gradient_checkpointing)
     report = param_report(model)
 
@@ -239,8 +240,10 @@ def train(recipe: Recipe, resume: bool = False) -> Path:
     seconds = time.perf_counter() - start
     if not main:
         return run_dir
-    with compute(precision):
-        after = task.evaluate(model, tokenizer, splits["test"], recipe, desc="adapted")
+    after = None
+    if test:
+        with compute(precision):
+            after = task.evaluate(model, tokenizer, splits["test"], recipe, desc="adapted")
 
     state, log = trainer.state, trainer.state.log_history
     validation = validation_history(log, recipe)
@@ -317,8 +320,11 @@ def summary(run_dir: Path, metrics: dict) -> str:
                        if stopped else ""))
     else:
         rows.append("validation   off (train.eval_steps: 0); the adapter of the last step is kept")
-    rows.append(f"test ({metrics['test_examples']} examples)")
-    for key in metrics["adapted"]:
+    if metrics["adapted"] is None:
+        rows.append("test         not run (the run is scored on validation only)")
+    else:
+        rows.append(f"test ({metrics['test_examples']} examples)")
+    for key in metrics["adapted"] or ():
         rows.append(f"  {key:<11} base {metrics['base'][key]:.4f}  ->  adapted {metrics['adapted'][key]:.4f}")
     tensorboard = (Path(run_dir) / "tensorboard").is_dir()
     rows.append("files        adapter, metrics.json, training.png"
@@ -404,7 +410,8 @@ def _saved_recipe(recipe: Recipe) -> dict:
 
 
 def _model_card(run_dir: Path, recipe: Recipe, metrics: dict) -> str:
-    scores = ", ".join(f"{k} {v:.4f}" for k, v in metrics["adapted"].items())
+    scores = (", ".join(f"{k} {v:.4f}" for k, v in metrics["adapted"].items()) if metrics["adapted"]
+              else "not run; validation " + ", ".join(f"{k} {v:.4f}" for k, v in (metrics["kept_validation"] or {}).items()))
     method, spec = resolve_spec(recipe.method)[0], describe_spec(recipe.method)
     adapter = f"{method} adapter" if spec == method else f"{method} adapter (`{spec}`)"
     return f"""# {recipe.name}
