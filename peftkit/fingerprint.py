@@ -6,10 +6,11 @@ tensor read from SAMPLE values spread over all of it: their mean |x|, and a
 signed sum with fixed weights over their |x| sum. bf16 or fp16 copies of the
 same weights move the signatures by rounding (about 2e-5 at 1024 values); a
 fine-tuned checkpoint of the same shape moves some tensor's far more, and is
-refused. bitsandbytes' packed 4/8-bit weights have no float values to read, so
-a quantized base is compared on the tensors it keeps in floats (embeddings,
-norms, biases). Adapters saved before the signatures carry a checksum of 64
-embedding rows, still checked for them.
+refused. bitsandbytes' packed 4/8-bit weights have no float values to read (under
+FSDP or DeepSpeed the 4-bit ones are typed float, see loading.sharded_training,
+but each float is the bytes of 4-bit codes), so a quantized base is compared on
+the tensors it keeps in floats (embeddings, norms, biases). Adapters saved
+before the signatures carry a checksum of 64 embedding rows, still checked for them.
 """
 import hashlib
 
@@ -37,7 +38,7 @@ def fingerprint(model, heads=()) -> dict:
                                                           round((rows * weights).sum().item(), 5)],
         "signatures": None if rows.is_meta else {
             name: _signature(param) for name, param in model.named_parameters()
-            if param.is_floating_point() and not _in_heads(name, heads)},
+            if _holds_floats(param) and not _in_heads(name, heads)},
     }
 
 
@@ -57,6 +58,10 @@ def check_same_base(expected: dict, actual: dict, expected_name: str, actual_nam
             f"{actual_name!r} ({actual['architecture']}, shapes {actual['shapes']}, checksum "
             f"{actual['embedding_checksum']}); load the adapter onto the base it was trained on"
         )
+
+
+def _holds_floats(param) -> bool:
+    return param.is_floating_point() and param.__class__.__name__ != "Params4bit"
 
 
 def _signature(param) -> list[float]:

@@ -2,6 +2,7 @@
 optionally on a 4-bit or 8-bit bitsandbytes base."""
 import difflib
 import logging
+import os
 
 import torch
 import transformers
@@ -35,7 +36,7 @@ def load_model(name_or_path: str, task: str = "causal-lm", quantize: str | None 
     kwargs = {"dtype": dtype, **config_overrides}
     if quantize:
         kwargs["quantization_config"] = bnb_config(quantize, matmul_dtype or compute_dtype(dtype))
-        kwargs["device_map"] = {"": 0} if torch.cuda.is_available() else {"": "cpu"}
+        kwargs["device_map"] = {"": quantized_device()}
     model = _loaded_with_a_report_that_matters(model_cls, name_or_path, **kwargs)
     model.config.peftkit_base_name = model_name(name_or_path)
     keep_standard_4bit_layout(model)
@@ -135,6 +136,15 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return dtype
 
 
+def quantized_device() -> int | str:
+    """Where a 4/8-bit base is loaded: bitsandbytes quantizes it on the device it lands on, and it
+    cannot move afterwards. Under torchrun or `accelerate launch` each process trains on GPU
+    LOCAL_RANK (accelerate refuses a quantized model on any other), not all of them on GPU 0."""
+    if not torch.cuda.is_available():
+        return "cpu"
+    return int(os.environ.get("LOCAL_RANK", 0))
+
+
 def bnb_config(quantize: str, matmul_dtype: torch.dtype) -> BitsAndBytesConfig:
     """`matmul_dtype`: what 4-bit layers compute in (see compute_dtype)."""
     if quantize == "8bit":
@@ -144,8 +154,23 @@ def bnb_config(quantize: str, matmul_dtype: torch.dtype) -> BitsAndBytesConfig:
         bnb_4bit_quant_type="fp4" if quantize == "fp4" else "nf4",
         bnb_4bit_use_double_quant=True,
         bnb_4bit_compute_dtype=matmul_dtype,
+        bnb_4bit_quant_storage=matmul_dtype if sharded_training() else torch.uint8,
         llm_int8_skip_modules=HEADS,
     )
+
+
+def sharded_training() -> bool:
+    """Whether `accelerate launch` started this process for FSDP or DeepSpeed (recipes/launch/).
+
+    Their 4-bit weights are stored as tensors of the compute dtype rather than uint8: the same
+    bytes, which accelerate's FSDP needs in order to shard them (it leaves uint8 ones whole on every
+    GPU), and which survive FSDP's and DeepSpeed's bf16 mixed precision, both of which cast every
+    float parameter to the compute dtype (a no-op only if it already is that dtype; bytes typed
+    fp32 and cast to bf16 no longer hold the weights). Elsewhere they stay uint8: outputs, gradients and merges are
+    bit-identical either way (tests/test_scaleout.py), but read as floats the bytes include NaNs,
+    which would trip any code that compares or checks weights as floats."""
+    return any(os.environ.get(flag, "false").lower() == "true"
+               for flag in ("ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED"))  # what accelerate reads too
 
 
 def _model_class(task: str):

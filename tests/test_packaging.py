@@ -44,6 +44,7 @@ def test_the_wheel_carries_presets_recipes_and_benchmark_tables(installed):
     wheel, _, _ = installed
     names = zipfile.ZipFile(wheel).namelist()
     for path in ["peftkit/share/adapters/lora.yaml", "peftkit/share/recipes/sentiment-lora.yaml",
+                 "peftkit/share/recipes/launch/fsdp-qlora.yaml", "peftkit/share/recipes/launch/deepspeed-zero3.yaml",
                  "peftkit/share/benchmarks/train-sentiment.yaml", "peftkit/share/benchmarks/configs/gpt2.json",
                  "peftkit/share/benchmarks/reference/sentiment_peft_trainer.py", "peftkit/tuners/prefix/layer.py"]:
         assert path in names
@@ -58,6 +59,7 @@ def test_the_installed_commands_work_from_another_folder(installed):
     assert presets.returncode == 0 and "lora " in presets.stdout and "qlora" in presets.stdout
     recipes = run("-m", "peftkit", "recipes")
     assert recipes.returncode == 0 and "sentiment-lora" in recipes.stdout and "headlines-qlora" in recipes.stdout
+    assert "fsdp-qlora" not in recipes.stdout  # recipes/launch/ holds accelerate configs
     attached = run("-c", "import peftkit\n"
                          "from transformers import BertConfig, BertForSequenceClassification\n"
                          "model = BertForSequenceClassification(BertConfig(hidden_size=32, num_hidden_layers=2,"
