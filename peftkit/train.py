@@ -215,6 +215,7 @@ def train(recipe: Recipe, resume: bool = False, test: bool = True) -> Path:
     and writes the run folder. test=False leaves the test split alone (a sweep's trials are chosen
     by validation; only the chosen one is tested)."""
     check_trackers(recipe.train.report_to)
+    _check_not_sharded()
     # this process's place among those launched (one without a launcher); on a CPU accelerate joins
     # the launcher's processes only when told it runs on the CPU
     processes = PartialState(cpu=not torch.cuda.is_available())
@@ -277,6 +278,17 @@ def train(recipe: Recipe, resume: bool = False, test: bool = True) -> Path:
     shutil.rmtree(work, ignore_errors=True)
     print(summary(run_dir, metrics))
     return run_dir
+
+
+def _check_not_sharded() -> None:
+    """FSDP and ZeRO-3 shard the model over the processes, so every forward pass needs all of them:
+    evaluating and exporting on the main process alone, as a run ends, would wait forever. accelerate
+    applies neither on a CPU (it trains with DDP there), so only a GPU launch is refused."""
+    from .loading import sharded_training
+    if sharded_training() and torch.cuda.is_available():
+        raise PeftkitError("peftkit train does not yet evaluate and export a model sharded by FSDP or DeepSpeed "
+                           "ZeRO-3; train with DDP instead: torchrun --nproc_per_node N -m peftkit train RECIPE "
+                           "(recipes/launch/ configs serve Trainer scripts built on peftkit.attach)")
 
 
 def validation_history(log: list[dict], recipe: Recipe) -> list[dict]:

@@ -50,7 +50,7 @@ def test_launch_configs_hold_only_keys_accelerate_knows(name):
     nested = {**config.fsdp_config, **config.deepspeed_config}
     assert nested and set(nested) <= options, sorted(set(nested) - options)
     text = (LAUNCH / name).read_text()
-    assert f"accelerate launch --config_file recipes/launch/{name} -m peftkit train" in text
+    assert f"accelerate launch --config_file recipes/launch/{name} train.py" in text
     assert "--num_machines 2" in text and "--machine_rank" in text and "--main_process_ip" in text
 
 
@@ -253,3 +253,19 @@ def test_fsdp2_shards_and_trains_a_qlora_base_on_two_cpu_processes(tmp_path):
     assert done.stdout.count("accelerate: MULTI_CPU") == 2  # accelerate's FSDP is GPU-only: DDP here
     assert "worst gradient error" in done.stdout
     assert done.stdout.count("fp32-stored weights under bf16: failed") == 2
+
+
+def test_peftkit_train_refuses_a_sharded_gpu_launch_before_any_work(monkeypatch, tmp_path):
+    import torch
+
+    from peftkit.errors import PeftkitError
+    from peftkit.recipe import load_recipe
+    from peftkit.train import train
+
+    loaded = []
+    monkeypatch.setattr("peftkit.train.set_up", lambda *a, **k: loaded.append(1))
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    with pytest.raises(PeftkitError, match="does not yet evaluate and export a model sharded by FSDP"):
+        train(load_recipe("sentiment-lora", [f"output_dir={tmp_path}"]))
+    assert not loaded

@@ -10,6 +10,7 @@ data trains generative classifiers ("sport", not 3).
 import re
 
 import torch
+from accelerate.utils import extract_model_from_parallel
 from datasets import ClassLabel
 from tqdm.auto import tqdm
 
@@ -125,7 +126,7 @@ def answer_loss(model, inputs: dict, num_items_in_batch=None) -> torch.Tensor:
     targets = labels[:, 1:]
     keep = torch.zeros_like(labels, dtype=torch.bool)
     keep[:, :-1] = targets != IGNORE
-    head = model.get_output_embeddings()
+    head = extract_model_from_parallel(model).get_output_embeddings()  # under DDP `model` is its wrapper
     handle = head.register_forward_pre_hook(lambda module, args: (args[0][keep],))
     try:
         logits = model(**{k: v for k, v in inputs.items() if k != "labels"}).logits
