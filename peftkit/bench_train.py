@@ -303,7 +303,7 @@ def run_variant(bench: Bench, variant: Variant, extra: list[str] = ()) -> dict:
         meter.watch(model)
         trainer.train()
         meter.unwatch()
-    with compute(precision):  # every variant is tested as it trained
+    with compute(precision, model):  # every variant is tested as it trained
         scores = task.evaluate(model, tokenizer, splits["test"], recipe, desc="test")
     metric = recipe.best_metric
     return {

@@ -42,7 +42,7 @@ class Run:
 
     def _computing(self):
         """As the run computed in training and in its own test (bf16 autocast where that was native)."""
-        return compute(resolve_precision(self.recipe.train.precision))
+        return compute(resolve_precision(self.recipe.train.precision), self.model)
 
     def merge(self, out: Path) -> None:
         merged = merge(self.model, inplace=True)  # the run's own copy of the base

@@ -195,7 +195,7 @@ def make_trainer(recipe: Recipe, setup: Setup, model, work: Path, save: bool = T
                                                recipe.train.early_stopping_threshold))
 
     def validation_scores():
-        with compute(setup.precision):  # validation computes as training does
+        with compute(setup.precision, model):  # validation computes as training does
             return setup.task.evaluate(model, setup.tokenizer, setup.splits["validation"], recipe, desc="validation")
 
     trainer = AdapterTrainer(model=model, args=_arguments(recipe, work, setup.precision, save, eval_steps),
@@ -243,18 +243,16 @@ def train(recipe: Recipe, resume: bool = False, test: bool = True) -> Path:
         return run_dir
     after = None
     if test:
-        with compute(precision):
+        with compute(precision, model):
             after = task.evaluate(model, tokenizer, splits["test"], recipe, desc="adapted")
 
     state, log = trainer.state, trainer.state.log_history
     validation = validation_history(log, recipe)
     training = seconds - trainer.validation_seconds
-    # The Trainer's samples/s divides the planned samples by a runtime that includes validation
-    runtime = result.metrics.get("train_runtime") or seconds
-    speed = result.metrics.get("train_samples_per_second")
-    if speed:
-        speed = round(speed * runtime / max(runtime - trainer.validation_seconds, 1e-9)
-                      * state.global_step / max(state.max_steps, 1), 3)
+    # The Trainer's samples/s is its planned sample count over a runtime that includes validation
+    planned = result.metrics["train_samples_per_second"] * result.metrics["train_runtime"]
+    trained = planned * state.global_step / max(state.max_steps, 1)  # fewer when it stopped early
+    speed = round(trained / max(result.metrics["train_runtime"] - trainer.validation_seconds, 1e-9), 3)
     metrics = {
         "task": recipe.task, "model": recipe.model, "method": recipe.method, "quantize": quantize,
         "precision": precision, "precision_detail": describe(precision, quantize, setup.attention),
