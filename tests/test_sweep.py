@@ -51,7 +51,7 @@ def trained(monkeypatch):
     return log
 
 
-def tests_run(scored) -> list:
+def on_test(scored) -> list:
     return [call for call in scored.calls if call[0] != "validation"]
 
 
@@ -66,7 +66,7 @@ def test_a_grid_picks_the_best_by_validation_and_tests_only_it(tmp_path, scored,
     assert result["best"] == "trial-001" and result["validation"] == 0.9 and result["metric"] == "accuracy"
     # every trial trained without a test; the best one alone was tested, once
     assert trained.calls == [(f"trial-00{i}", False, False) for i in range(4)]
-    assert tests_run(scored) == [("evaluating", "trial-001")]
+    assert on_test(scored) == [("evaluating", "trial-001")]
     assert set(result["test"]) == {"accuracy", "macro_f1"} and result["test_examples"] == 16
     for i in range(4):
         assert json.loads((folder / f"trial-00{i}" / "metrics.json").read_text())["adapted"] is None
@@ -115,7 +115,7 @@ def test_an_interrupted_sweep_resumes_where_it_stopped(tmp_path, scored, trained
     with pytest.raises(KeyboardInterrupt):
         sweep("sentiment-lora", settings)
     assert (folder / "trial-000" / "metrics.json").is_file() and not (folder / "trial-001").exists()
-    assert (folder / ".trial-001.work" / "checkpoints" / "checkpoint-2").is_dir() and not tests_run(scored)
+    assert (folder / ".trial-001.work" / "checkpoints" / "checkpoint-2").is_dir() and not on_test(scored)
     with pytest.raises(PeftkitError, match="already holds a sweep; continue it with --resume"):
         sweep("sentiment-lora", settings)
     with pytest.raises(PeftkitError, match="holds another sweep"):
@@ -129,12 +129,12 @@ def test_an_interrupted_sweep_resumes_where_it_stopped(tmp_path, scored, trained
         == [2, 4]
     result = json.loads((folder / "sweep.json").read_text())
     assert result["best"] == "trial-000" and [r["score"] for r in result["trials"]] == [0.9, 0.5]
-    assert tests_run(scored) == [("evaluating", "trial-000")]
+    assert on_test(scored) == [("evaluating", "trial-000")]
 
     # a finished sweep resumed trains and tests nothing again
     trained.calls.clear()
     sweep("sentiment-lora", settings, resume=True)
-    assert not trained.calls and len(tests_run(scored)) == 1
+    assert not trained.calls and len(on_test(scored)) == 1
 
 
 def test_an_optuna_search_runs_its_trials_and_keeps_its_study(tmp_path, scored, trained):
@@ -162,7 +162,7 @@ def test_an_optuna_search_runs_its_trials_and_keeps_its_study(tmp_path, scored, 
         assert t.params["train.lr"] == r["settings"]["train.lr"] and 1e-4 <= r["settings"]["train.lr"] <= 1e-2
         assert r["settings"]["method.r"] in (4, 8) and t.distributions["train.lr"].log  # two decades: log scale
     assert result["best"] == max(result["trials"], key=lambda r: r["score"])["trial"]
-    assert tests_run(scored) == [("evaluating", result["best"])]
+    assert on_test(scored) == [("evaluating", result["best"])]
     assert result["search"] == "optuna TPE (seed 42)"
 
 
