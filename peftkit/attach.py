@@ -14,7 +14,7 @@ from .errors import PeftkitError
 from .fingerprint import fingerprint
 from .loading import keep_standard_4bit_layout
 from .presets import resolve_spec
-from .tuners.lora import lora_config
+from .tuners.lora import check_options, lora_config
 
 BOTTLENECK = ("houlsby", "pfeiffer", "parallel")
 
@@ -81,6 +81,16 @@ def attach(model, spec, name: str | None = None, gradient_checkpointing: bool | 
             base.get_submodule(head).requires_grad_(True)
     model.peftkit_adapters = {**existing, name: info}
     return model
+
+
+def check_spec(spec) -> None:
+    """Refuse a spec attach() would refuse for its method or options, without a model (a sweep
+    checks every trial before the first one trains)."""
+    method, options, _ = resolve_spec(spec)
+    if method == "lora":
+        check_options(options)
+    else:
+        tuner(method).Config.from_options(_tuner_options(method, options))
 
 
 def pick_adapter(model, name: str | None = None):

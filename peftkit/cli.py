@@ -1,4 +1,4 @@
-"""The `peftkit` command: train, eval, predict, merge, serve, presets, recipes."""
+"""The `peftkit` command: train, sweep, eval, predict, merge, serve, presets, recipes."""
 import argparse
 import json
 import os
@@ -17,6 +17,18 @@ def main(argv=None) -> int:
     p.add_argument("recipe", help="a recipe YAML file or the name of a shipped recipe")
     p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. method=houlsby train.epochs=2")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run from its last checkpoint")
+
+    p = commands.add_parser("sweep", help="train a recipe over a grid of settings, or search them with optuna; "
+                                          "the best by validation is tested")
+    p.add_argument("recipe", help="a recipe YAML file or the name of a shipped recipe")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUES",
+                   help="KEY=V1,V2 a list (values parsed as YAML; lists make the grid), KEY=LOW:HIGH a range "
+                        "(with --trials; log scale when positive and 10x apart or more), KEY=V a fixed setting; "
+                        "e.g. train.lr=1e-4,3e-4 method.r=8,16")
+    p.add_argument("--trials", type=int, help="an optuna (TPE) search of N trials over the ranges, lists as choices")
+    p.add_argument("--resume", action="store_true",
+                   help="continue an interrupted sweep: finished trials are kept, a cut-short one resumes")
+    p.add_argument("--name", help="the sweep's folder under the recipe's output_dir (default: <recipe name>-sweep)")
 
     p = commands.add_parser("eval", help="evaluate a run on a split of its data")
     p.add_argument("run")
@@ -73,6 +85,11 @@ def _train(args):
     from .recipe import load_recipe
     from .train import train
     train(load_recipe(args.recipe, args.overrides), resume=args.resume)
+
+
+def _sweep(args):
+    from .sweep import sweep
+    sweep(args.recipe, args.overrides, trials=args.trials, resume=args.resume, name=args.name)
 
 
 def _eval(args):
@@ -171,7 +188,7 @@ def _parse_row(line: str, number: int) -> dict:
     return row
 
 
-COMMANDS = {"train": _train, "eval": _eval, "predict": _predict, "merge": _merge, "presets": _presets,
+COMMANDS = {"train": _train, "sweep": _sweep, "eval": _eval, "predict": _predict, "merge": _merge, "presets": _presets,
             "recipes": _recipes, "bench": run_bench, "serve": _serve}
 
 if __name__ == "__main__":

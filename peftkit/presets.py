@@ -32,7 +32,7 @@ def read_yaml(path: Path) -> dict:
 def resolve_spec(spec) -> tuple[str, dict, str | None]:
     """(method, options, quantize) from a preset name, a YAML path or a dict."""
     if isinstance(spec, (str, Path)):
-        options = read_yaml(_preset_path(str(spec)))
+        options = preset_mapping(spec)
     elif isinstance(spec, dict):
         options = dict(spec)
     else:
@@ -46,6 +46,11 @@ def resolve_spec(spec) -> tuple[str, dict, str | None]:
     if quantize not in QUANTIZE:
         raise PeftkitError(f"quantize must be one of {QUANTIZE}, got {quantize!r}")
     return method, options, quantize
+
+
+def preset_mapping(spec) -> dict:
+    """A preset name or YAML path as the inline mapping it stands for: method, options, quantize."""
+    return read_yaml(_preset_path(str(spec)))
 
 
 def describe_spec(spec) -> str:

@@ -12,7 +12,7 @@ from pathlib import Path
 import yaml
 
 from .errors import PeftkitError
-from .presets import read_yaml
+from .presets import preset_mapping, read_yaml
 from .shipped import shipped
 
 RECIPES_DIR = shipped("recipes")
@@ -141,16 +141,21 @@ def recipe_names() -> list[str]:
 
 
 def load_recipe(path_or_name: str, overrides: list[str] = ()) -> Recipe:
+    data = read_recipe(path_or_name)
+    for item in overrides:
+        apply_override(data, item)
+    return build(Recipe, data, "")
+
+
+def read_recipe(path_or_name: str) -> dict:
+    """The recipe's YAML as a mapping, unchecked: a file, or the name of a shipped recipe."""
     path = Path(path_or_name)
     if not path.is_file():
         named = RECIPES_DIR / f"{path_or_name}.yaml"
         if not named.is_file():
             raise PeftkitError(f"recipe {path_or_name} does not exist; shipped recipes: {', '.join(recipe_names())}")
         path = named
-    data = read_yaml(path)
-    for item in overrides:
-        apply_override(data, item)
-    return build(Recipe, data, "")
+    return read_yaml(path)
 
 
 def apply_override(data: dict, item: str) -> None:
@@ -158,18 +163,27 @@ def apply_override(data: dict, item: str) -> None:
     if "=" not in item:
         raise PeftkitError(f"override {item!r} must look like key=value, e.g. train.epochs=2")
     key, value = item.split("=", 1)
+    try:
+        value = yaml.safe_load(value)
+    except yaml.YAMLError as err:
+        problem = str(err).splitlines()[0]
+        raise PeftkitError(f"override {item!r}: the value is not valid YAML ({problem}); quote it for the "
+                           f"shell, e.g. '{key}={{method: lora, r: 16}}'") from None
+    set_key(data, key, value)
+
+
+def set_key(data: dict, key: str, value) -> None:
+    """data["train"]["epochs"] = value for key `train.epochs`. A method option (`method.r`) on a
+    recipe whose method is a preset name sets it on that preset's options, made inline."""
     *parents, last = key.split(".")
+    if parents[:1] == ["method"] and isinstance(data.get("method"), str):
+        data["method"] = preset_mapping(data["method"])
     node = data
     for part in parents:
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
             raise PeftkitError(f"override {key}: {part} is not a section")
-    try:
-        node[last] = yaml.safe_load(value)
-    except yaml.YAMLError as err:
-        problem = str(err).splitlines()[0]
-        raise PeftkitError(f"override {item!r}: the value is not valid YAML ({problem}); quote it for the "
-                           f"shell, e.g. '{key}={{method: lora, r: 16}}'") from None
+    node[last] = value
 
 
 def build(cls, data, where: str):

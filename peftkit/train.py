@@ -221,7 +221,7 @@ def train(recipe: Recipe, resume: bool = False, test: bool = True) -> Path:
     processes = PartialState(cpu=not torch.cuda.is_available())
     main = processes.is_main_process
     run_dir = Path(recipe.output_dir) / recipe.name
-    work = run_dir.parent / f".{recipe.name}.work"  # checkpoints and tracker files live here until the run ends
+    work = work_dir(recipe)
     checkpoint = _checkpoint_to_resume(work, resume, clear=main)
 
     setup = set_up(recipe, processes.num_processes)
@@ -343,18 +343,29 @@ def summary(run_dir: Path, metrics: dict) -> str:
     return "\n".join(rows)
 
 
+def work_dir(recipe: Recipe) -> Path:
+    """Where a run keeps its checkpoints and tracker files until it ends: beside its run folder."""
+    return (Path(recipe.output_dir) / recipe.name).parent / f".{recipe.name}.work"
+
+
+def last_checkpoint(work: Path) -> Path | None:
+    """The latest complete checkpoint in a work folder. The Trainer writes its state last: a
+    checkpoint without it was cut short by the interruption."""
+    complete = sorted((int(p.name.split("-")[-1]), p) for p in (work / "checkpoints").glob("checkpoint-*")
+                      if p.name.split("-")[-1].isdigit() and (p / "trainer_state.json").is_file())
+    return complete[-1][1] if complete else None
+
+
 def _checkpoint_to_resume(work: Path, resume: bool, clear: bool = True) -> str | None:
     if not resume:
         if clear:  # a new run starts clean (the main process clears); a finished run's folder is untouched
             shutil.rmtree(work, ignore_errors=True)
         return None
-    # The Trainer writes its state last: a checkpoint without it was cut short by the interruption
-    complete = sorted((int(p.name.split("-")[-1]), p) for p in (work / "checkpoints").glob("checkpoint-*")
-                      if p.name.split("-")[-1].isdigit() and (p / "trainer_state.json").is_file())
-    if not complete:
+    checkpoint = last_checkpoint(work)
+    if checkpoint is None:
         raise PeftkitError(f"--resume: no complete checkpoint under {work / 'checkpoints'}; "
                            "start the run without --resume")
-    return str(complete[-1][1])
+    return str(checkpoint)
 
 
 def _arguments(recipe: Recipe, work: Path, precision: str, save: bool = True, eval_steps: int = 0) -> TrainingArguments:

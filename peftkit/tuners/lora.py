@@ -12,13 +12,8 @@ OPTIONS = sorted(f.name for f in dataclasses.fields(LoraConfig) if f.init and f.
 
 
 def lora_config(model, options: dict, heads: list[str]) -> LoraConfig:
-    unknown = sorted(set(options) - set(OPTIONS))
-    if unknown:
-        raise PeftkitError(f"unknown LoRA option(s) {unknown}; LoraConfig accepts: {', '.join(OPTIONS)}")
+    check_options(options)
     options = dict(options)
-    r = options.get("r", 8)
-    if not isinstance(r, int) or isinstance(r, bool) or r <= 0:
-        raise PeftkitError(f"LoRA rank r must be a positive integer, got {r!r}")
     if options.get("target_modules") is None:
         options["target_modules"] = list(layout_of(model).lora_targets)
     _check_targets(model, options["target_modules"])
@@ -27,6 +22,16 @@ def lora_config(model, options: dict, heads: list[str]) -> LoraConfig:
         return LoraConfig(task_type=task_type(model), **options)
     except (ValueError, TypeError) as err:
         raise PeftkitError(f"invalid LoRA options: {err}") from None
+
+
+def check_options(options: dict) -> None:
+    """What can be checked without a model: every option is LoraConfig's, and the rank is usable."""
+    unknown = sorted(set(options) - set(OPTIONS))
+    if unknown:
+        raise PeftkitError(f"unknown LoRA option(s) {unknown}; LoraConfig accepts: {', '.join(OPTIONS)}")
+    r = options.get("r", 8)
+    if not isinstance(r, int) or isinstance(r, bool) or r <= 0:
+        raise PeftkitError(f"LoRA rank r must be a positive integer, got {r!r}")
 
 
 def task_type(model) -> TaskType | None:
