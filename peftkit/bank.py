@@ -23,6 +23,7 @@ import inspect
 import math
 import re
 from contextlib import contextmanager
+from functools import cached_property
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -262,7 +263,7 @@ class AdapterBank:
                 self._select(rows)
             step = pass_turn if between_steps is None else lambda: (between_steps(), pass_turn())
             with self.lock:  # prefill and generation are one job: its turns count on from one to the other
-                if inputs["input_ids"].numel() > PREFILL_TOKENS and self._can_prefill():
+                if inputs["input_ids"].numel() > PREFILL_TOKENS and self._can_prefill:
                     inputs = self._prefill(chunk, inputs, step)
                     if not _live(chunk):  # every client left during the prefill
                         continue
@@ -295,6 +296,7 @@ class AdapterBank:
                     break
         return {"input_ids": ids[:, -1:], "attention_mask": mask, "cache": cache}
 
+    @cached_property  # the same for the bank's lifetime: one base model
     def _can_prefill(self) -> bool:
         """Whether generate can go on from a DynamicCache that the model's body fills. Not for models
         with a cache of their own kind (rwkv, xlnet, a cache_implementation in the generation config,

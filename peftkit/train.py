@@ -27,12 +27,12 @@ from .batching import LengthBucketSampler
 from .datasource import load_splits
 from .dropout import swap_in_fast_dropout
 from .errors import PeftkitError
-from .loading import check_config_overrides, load_model, load_tokenizer
+from .loading import check_config_overrides, load_model, load_tokenizer, sharded_training
 from .meter import peak_memory_mb
 from .precision import choose_attention, compute, describe, resolve_precision, store_frozen_in_bf16
 from .presets import describe_spec, resolve_spec
 from .plots import plot_training
-from .recipe import Recipe, check_trackers
+from .recipe import TASK_METRICS, Recipe, check_trackers
 from .report import param_report
 from .saving import restore_adapter_weights, staged_dir, write_adapter_files
 from .tasks import task_module
@@ -282,7 +282,6 @@ def _check_not_sharded() -> None:
     """FSDP and ZeRO-3 shard the model over the processes, so every forward pass needs all of them:
     evaluating and exporting on the main process alone, as a run ends, would wait forever. accelerate
     applies neither on a CPU (it trains with DDP there), so only a GPU launch is refused."""
-    from .loading import sharded_training
     if sharded_training() and torch.cuda.is_available():
         raise PeftkitError("peftkit train does not yet evaluate and export a model sharded by FSDP or DeepSpeed "
                            "ZeRO-3; train with DDP instead: torchrun --nproc_per_node N -m peftkit train RECIPE "
@@ -291,7 +290,6 @@ def _check_not_sharded() -> None:
 
 def validation_history(log: list[dict], recipe: Recipe) -> list[dict]:
     """[{"step": s, "<metric>": v, ...}] from the Trainer's log, one per validation pass."""
-    from .recipe import TASK_METRICS
     names = TASK_METRICS[recipe.task]
     return [{"step": row["step"], **{name: row[f"eval_{name}"] for name in names if f"eval_{name}" in row}}
             for row in log if f"eval_{recipe.best_metric}" in row]

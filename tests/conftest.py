@@ -1,4 +1,6 @@
 """Tiny random models built from configs: fast, offline, deterministic."""
+import time
+
 import pytest
 import torch
 from transformers import (
@@ -52,3 +54,12 @@ def tiny():
 @pytest.fixture
 def inputs():
     return tiny_inputs()
+
+
+def wait_until(condition, tries: int = 5000):
+    """Poll `condition` every millisecond (another thread is getting somewhere) until it holds."""
+    for _ in range(tries):
+        if condition():
+            return
+        time.sleep(0.001)
+    raise AssertionError("timed out")

@@ -10,12 +10,11 @@ import random
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import CLASSES, SIZES, tiny_inputs
+from conftest import CLASSES, SIZES, tiny_inputs, wait_until
 
 import peftkit
 from peftkit import AdapterBank, PeftkitError
@@ -83,14 +82,6 @@ def lm_inputs():
 
 def outputs(out):
     return torch.stack([out.start_logits, out.end_logits], -1) if hasattr(out, "start_logits") else out.logits
-
-
-def wait_until(condition):
-    for _ in range(5000):
-        if condition():
-            return
-        time.sleep(0.001)
-    raise AssertionError("timed out")
 
 
 def reference(spec_file, out_file):

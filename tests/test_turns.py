@@ -1,18 +1,11 @@
 """The bank's lock: granted in arrival order, reentrant, and passed on between a long job's steps."""
 import threading
-import time
 
 import pytest
 
+from conftest import wait_until
+
 from peftkit.turns import Turns
-
-
-def wait_until(condition):
-    for _ in range(2000):
-        if condition():
-            return
-        time.sleep(0.001)
-    raise AssertionError("timed out")
 
 
 def test_waiting_threads_run_between_the_steps_of_a_long_holder_in_arrival_order():
