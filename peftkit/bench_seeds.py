@@ -41,7 +41,7 @@ def run_seeds(bench, seeds: list[int], extra: list[str], variants, out_dir: Path
               against: str | None = None) -> list[dict]:
     from tqdm.auto import tqdm
 
-    from .bench_train import _machine, _run_child, _shown, _warm_up, _cuda
+    from .bench_train import _machine, _run_child, _shown, _warm_up, _cuda, matmul_peaks, with_mfu
 
     names = [v.name for v in variants]
     against = against or ("reference-tuned" if "reference-tuned" in names else names[-1])
@@ -52,6 +52,7 @@ def run_seeds(bench, seeds: list[int], extra: list[str], variants, out_dir: Path
     meta = _machine(device) | {"bench": _shown(bench.path), "variants": names, "seeds": seeds, "against": against,
                                "extra": list(extra), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     log_dir.mkdir(parents=True, exist_ok=True)
+    peaks = [matmul_peaks(device)]
     _warm_up(bench, variants[0], extra, log_dir / f"{bench.name}-warmup-{device}.log")
     rows = []
     with tqdm(total=len(seeds) * len(variants), desc=f"bench {bench.name} seeds", unit="run") as bar:
@@ -60,8 +61,11 @@ def run_seeds(bench, seeds: list[int], extra: list[str], variants, out_dir: Path
                 log = log_dir / f"{bench.name}-{variant.name}-seed{seed}-{device}.log"
                 row = _run_child(bench, variant, [*extra, f"train.seed={seed}"], log)
                 rows.append(row | {"seed": seed})
-                write_seeds(stem, meta, rows)
+                write_seeds(stem, *with_mfu(meta, rows, peaks))
                 bar.update()
+    peaks.append(matmul_peaks(device))
+    meta, rows = with_mfu(meta, rows, peaks)
+    write_seeds(stem, meta, rows)
     print(paired_table(rows, meta))
     print(f"\nresults: {stem}.md, {stem}.json")
     return rows
@@ -136,6 +140,15 @@ def markdown(rows: list[dict], meta: dict) -> str:
     for name in meta["variants"]:
         out.append(f"| {name} | " + " | ".join(f"{by[name, s]['samples_per_s']:.1f}" if (name, s) in by else ""
                                                 for s in seeds) + " |")
+    if any(r.get("mfu") for r in rows):
+        peak = ", ".join(f"{dtype} {flops / 1e9:,.1f} GFLOP/s" for dtype, flops in meta["peak_matmul_flops"].items())
+        out += ["", f"MFU (model FLOP/s over the peak matmul FLOP/s of the variant's compute dtype, best of the "
+                    f"readings before and after the seeds: {peak}):", "",
+                "| variant | median | range |", "| --- | ---: | ---: |"]
+        for name in meta["variants"]:
+            mfu = [by[name, s]["mfu"] for s in seeds if (name, s) in by and by[name, s].get("mfu")]
+            if mfu:
+                out.append(f"| {name} | {statistics.median(mfu):.2f} | {min(mfu):.2f}-{max(mfu):.2f} |")
     out += ["", f"Paired against `{meta['against']}` (variant minus it; 95% t-interval over seeds):", "",
             f"| variant | seeds | {metric} diff (points) | 95% interval | speed (median, range) | "
             "peak memory (median, max) |", "| --- | ---: | ---: | ---: | ---: | ---: |"]

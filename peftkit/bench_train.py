@@ -166,7 +166,7 @@ def run(bench: Bench, extra: list[str] = (), only: list[str] | None = None, out_
             _finish(stem, meta, rows, failed, peaks)
     peaks.append(matmul_peaks(device))
     if rows:
-        _finish(stem, meta, rows, failed, peaks)
+        rows = _finish(stem, meta, rows, failed, peaks)
         print(summary_table(rows))
         print(f"\nresults: {stem}.md, {stem}.json, {stem}-loss.png, {stem}-ratio.png")
     if failed:
@@ -205,12 +205,19 @@ def _warm_up(bench: Bench, variant: Variant, extra: list[str], log: Path) -> Non
         print(f"warm-up run failed; going on: {str(error).splitlines()[0]}", file=sys.stderr)
 
 
-def _finish(stem: Path, meta: dict, rows: list[dict], failed: list[dict], peaks: list[dict]) -> None:
-    # the higher reading of before and after: MFU errs low, not high, on a shared machine
+def _finish(stem: Path, meta: dict, rows: list[dict], failed: list[dict], peaks: list[dict]) -> list[dict]:
+    meta, rows = with_mfu(meta, rows, peaks)
+    write_results(stem, meta | {"failed": failed}, rows)
+    return rows
+
+
+def with_mfu(meta: dict, rows: list[dict], peaks: list[dict]) -> tuple[dict, list[dict]]:
+    """The rows with their MFU, against the peak of the dtype each variant's matmuls run in, and the
+    meta with the peak used: the higher reading of before and after, so MFU errs low on a shared machine."""
     peak = {dtype: max(reading[dtype] for reading in peaks) for dtype in peaks[0]}
-    for row in rows:  # against the peak of the dtype the variant's matmuls run in
-        row["mfu"] = row["model_flops_per_s"] / peak[row["precision"]] if row.get("model_flops_per_s") else None
-    write_results(stem, meta | {"peak_matmul_flops": peak, "peak_readings": list(peaks), "failed": failed}, rows)
+    rows = [row | {"mfu": row["model_flops_per_s"] / peak[row["precision"]] if row.get("model_flops_per_s") else None}
+            for row in rows]
+    return meta | {"peak_matmul_flops": peak, "peak_readings": list(peaks)}, rows
 
 
 def _run_child(bench: Bench, variant: Variant, extra: list[str], log: Path) -> dict:

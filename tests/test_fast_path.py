@@ -262,3 +262,30 @@ def test_the_paired_interval_is_a_t_interval_over_seed_differences():
     assert p["speed"] == pytest.approx([1.51, 1.52, 1.53, 1.54])
     assert p["memory"] == pytest.approx([1000 / 1100] * 4)
     assert paired(rows, "lora", "nobody") is None
+
+
+def test_a_seeds_run_reports_mfu_against_the_best_peak_of_each_rows_compute_dtype(tmp_path, monkeypatch):
+    import json
+
+    import peftkit.bench_train as bench_train
+    from peftkit.bench_seeds import run_seeds
+
+    readings = iter([{"fp32": 100e9, "bf16": 400e9}, {"fp32": 90e9, "bf16": 500e9}])  # before, after
+    monkeypatch.setattr(bench_train, "matmul_peaks", lambda device: next(readings))
+
+    def child(bench, variant, extra, log):  # no training: the rows a child would report
+        seed = int(extra[-1].split("=")[1])
+        precision = "bf16" if variant.name == "lora" else "fp32"
+        return {"variant": variant.name, "precision": precision, "model_flops_per_s": 50e9 * seed,
+                "samples_per_s": 10.0, "peak_mb": 1000.0, "score": 0.8, "metric": "accuracy"}
+
+    monkeypatch.setattr(bench_train, "_run_child", child)
+    bench = bench_train.load_bench(Path(__file__).resolve().parent.parent / "benchmarks" / "train-sentiment.yaml")
+    variants = bench_train.selected(bench, ["lora", "reference"], [])
+    run_seeds(bench, [1, 2], [], variants, tmp_path, tmp_path / "logs", against="reference")
+    saved = json.loads((tmp_path / "train-sentiment-cpu-seeds.json").read_text())
+    mfu = {(r["variant"], r["seed"]): r["mfu"] for r in saved["rows"]}
+    assert mfu == pytest.approx({("lora", 1): 0.1, ("lora", 2): 0.2, ("reference", 1): 0.5, ("reference", 2): 1.0})
+    assert saved["meta"]["peak_matmul_flops"] == {"fp32": 100e9, "bf16": 500e9}
+    table = (tmp_path / "train-sentiment-cpu-seeds.md").read_text()
+    assert "| lora | 0.15 | 0.10-0.20 |" in table and "bf16 500.0 GFLOP/s" in table
