@@ -1,7 +1,9 @@
 """Where adapters go in each supported architecture, in one table.
 
-LoRA's default targets, the bottleneck adapters' insertion points and the task
-heads all come from here, so supporting a new architecture is one entry.
+LoRA's default targets and the bottleneck adapters' insertion points come from
+here, so those methods support a new architecture with one entry. Prefix tuning also
+lists the architectures whose attention cache it was checked with (SUPPORTED in
+tuners/prefix/model.py), and task heads are found per model (anatomy.task_heads).
 Each placement pattern is a regular expression matched (re.search) against full module
 names such as "bert.encoder.layer.3.attention.output.dense".
 """

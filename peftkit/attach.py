@@ -1,31 +1,20 @@
 """attach(): freeze a transformers model and inject one adapter method.
 
-LoRA returns peft's PeftModel (so peft's tooling and file format apply); the
-methods peft lacks are injected into the model itself. Either way the model
-carries `peftkit_adapters` ({name: AdapterInfo}) describing what it holds.
+A peft-native method (LoRA) returns peft's PeftModel, so peft's tooling and file
+format apply; the methods peft lacks are injected by their tuner into the model
+itself (see peftkit.methods). Either way the model carries `peftkit_adapters`
+({name: AdapterInfo}) describing what it holds.
 """
-import importlib
 import logging
-from dataclasses import dataclass, field
 
 from peft import PeftModel, get_peft_model, prepare_model_for_kbit_training
 
+from .anatomy import AdapterInfo, adapters_of, base_fingerprint, base_model, base_name, is_quantized, task_heads, \
+    task_of
 from .errors import PeftkitError
-from .fingerprint import fingerprint
 from .loading import keep_standard_4bit_layout
+from .methods import METHODS
 from .presets import resolve_spec
-from .tuners.lora import check_options, lora_config
-
-BOTTLENECK = ("houlsby", "pfeiffer", "parallel")
-
-
-@dataclass
-class AdapterInfo:
-    method: str
-    options: dict
-    base_name: str
-    base_fingerprint: dict
-    task: dict = field(default_factory=dict)
 
 
 def attach(model, spec, name: str | None = None, gradient_checkpointing: bool | None = None):
@@ -35,12 +24,15 @@ def attach(model, spec, name: str | None = None, gradient_checkpointing: bool | 
     the adapter. On a 4/8-bit base the model is prepared for k-bit training
     (norms and heads in fp32; gradient checkpointing unless turned off).
     """
-    method, options, quantize = resolve_spec(spec)
-    if quantize and not is_quantized(model):
+    spec = resolve_spec(spec)
+    about = spec.about
+    if spec.quantize and not is_quantized(model):
         raise PeftkitError(
-            f"this preset trains on a {quantize} base but the model is not quantized; "
-            f"load it with peftkit.load_model(name, quantize={quantize!r})"
+            f"this preset trains on a {spec.quantize} base but the model is not quantized; "
+            f"load it with peftkit.load_model(name, quantize={spec.quantize!r})"
         )
+    if not about.quantized_base and is_quantized(model):
+        raise PeftkitError(f"{about.long_name} does not work on a 4/8-bit base; load the base without quantize")
     existing = adapters_of(model)
     if existing and name is None:
         raise PeftkitError(
@@ -49,34 +41,28 @@ def attach(model, spec, name: str | None = None, gradient_checkpointing: bool | 
     name = name or "default"
     if name in existing:
         raise PeftkitError(f"the model already holds an adapter named {name!r}; pick another name")
-    if existing and (method == "lora") != isinstance(model, PeftModel):
-        raise PeftkitError("one model holds either LoRA adapters or peftkit's own methods, not both")
+    if existing and about.peft_native != isinstance(model, PeftModel):
+        native = sorted(m.name for m in METHODS.values() if m.peft_native)
+        own = sorted(m.name for m in METHODS.values() if not m.peft_native)
+        raise PeftkitError(f"one model holds either peft's methods ({', '.join(native)}) or peftkit's own "
+                           f"methods ({', '.join(own)}), not both")
 
     base = base_model(model)
     heads = task_heads(base)
-    info = AdapterInfo(method, options, base_name(base), base_fingerprint(model, heads), task_of(base))
-    config = lora_config(base, options, heads) if method == "lora" else None
-    if method != "lora":
-        config = tuner(method).Config.from_options(_tuner_options(method, options))
-
-    if method == "prefix" and gradient_checkpointing:
-        raise PeftkitError("prefix tuning does not work with gradient checkpointing (the prefix travels in the "
-                           "KV cache, which checkpointed layers drop); pass gradient_checkpointing=False")
-    if method == "prefix" and gradient_checkpointing is None and is_quantized(base):
-        gradient_checkpointing = False  # the default for 4/8-bit bases, which the prefix cannot train with
-        logging.getLogger("peftkit").warning("peftkit: prefix tuning on a quantized base trains without "
-                                             "gradient checkpointing (the prefix travels in the KV cache)")
+    info = AdapterInfo(spec.method, spec.options, base_name(base), base_fingerprint(model, heads), task_of(base))
+    config = about.config(spec.options, base, heads)
+    gradient_checkpointing = _checkpointing(about, gradient_checkpointing, is_quantized(base))
     if not existing:
         _freeze(base, gradient_checkpointing)
-    if method == "lora":
+    if about.peft_native:
         if isinstance(model, PeftModel):
             model.add_adapter(name, config)
             model.set_adapter(name)
         else:
             model = get_peft_model(model, config, adapter_name=name)
     else:
-        tuner(method).inject(model, config, name)
-        tuner(method).set_active(model, name)
+        about.tuner.inject(model, config, name)
+        about.tuner.set_active(model, name)
         for head in heads:
             base.get_submodule(head).requires_grad_(True)
     model.peftkit_adapters = {**existing, name: info}
@@ -86,82 +72,21 @@ def attach(model, spec, name: str | None = None, gradient_checkpointing: bool | 
 def check_spec(spec) -> None:
     """Refuse a spec attach() would refuse for its method or options, without a model (a sweep
     checks every trial before the first one trains)."""
-    method, options, _ = resolve_spec(spec)
-    if method == "lora":
-        check_options(options)
-    else:
-        tuner(method).Config.from_options(_tuner_options(method, options))
+    spec = resolve_spec(spec)
+    spec.about.check_options(spec.options)
 
 
-def pick_adapter(model, name: str | None = None):
-    """(name, AdapterInfo) of adapter `name`, or of the model's only adapter."""
-    adapters = adapters_of(model)
-    if not adapters:
-        raise PeftkitError("the model holds no peftkit adapter; call peftkit.attach or load_adapter first")
-    if name is None:
-        if len(adapters) > 1:
-            raise PeftkitError(f"the model holds several adapters {sorted(adapters)}; pass name=")
-        name = next(iter(adapters))
-    if name not in adapters:
-        raise PeftkitError(f"no adapter named {name!r}; the model holds {sorted(adapters)}")
-    return name, adapters[name]
-
-
-def tuner(method: str):
-    package = "bottleneck" if method in BOTTLENECK else method
-    return importlib.import_module(f"peftkit.tuners.{package}")
-
-
-def adapters_of(model) -> dict:
-    return dict(getattr(model, "peftkit_adapters", {}))
-
-
-def base_model(model):
-    """The transformers model under any peft wrapper."""
-    return model.get_base_model() if isinstance(model, PeftModel) else model
-
-
-def is_quantized(model) -> bool:
-    base = base_model(model)
-    return bool(getattr(base, "is_loaded_in_4bit", False) or getattr(base, "is_loaded_in_8bit", False))
-
-
-def task_heads(model) -> list[str]:
-    """Top-level modules a task adds on top of the pretrained body: a classifier,
-    a span head, a score head. The LM head is pretrained, not a task head."""
-    if model.base_model is model:  # a bare body (BertModel, LlamaModel): no task head on top
-        return []
-    body = getattr(model, model.base_model_prefix, None)
-    lm_head = model.get_output_embeddings()
-    return [name for name, child in model.named_children()
-            if child is not body and child is not lm_head and not name.startswith("_peftkit")
-            and any(True for _ in child.parameters())]
-
-
-def base_name(model) -> str:
-    return getattr(model.config, "peftkit_base_name", None) or model.config._name_or_path or type(model).__name__
-
-
-def base_fingerprint(model, heads=None) -> dict:
-    """The fingerprint recorded when the first adapter went in (later the
-    model holds adapters and its own modules no longer show the bare base)."""
-    existing = adapters_of(model)
-    if existing:
-        return next(iter(existing.values())).base_fingerprint
-    base = base_model(model)
-    return fingerprint(base, task_heads(base) if heads is None else heads)
-
-
-def task_of(model) -> dict:
-    task = {"class": type(model).__name__}
-    if task["class"].endswith("ForSequenceClassification"):
-        task["num_labels"] = model.config.num_labels
-        task["id2label"] = {str(k): v for k, v in model.config.id2label.items()}
-    return task
-
-
-def _tuner_options(method: str, options: dict) -> dict:
-    return {"method": method, **options} if method in BOTTLENECK else options
+def _checkpointing(about, asked: bool | None, quantized: bool) -> bool | None:
+    """Gradient checkpointing as asked, refused for a method that cannot train with it."""
+    if about.gradient_checkpointing:
+        return asked
+    if asked:
+        raise PeftkitError(f"{about.long_name} does not work with gradient checkpointing ({about.why_no_checkpointing}); "
+                           "pass gradient_checkpointing=False")
+    if asked is None and quantized:  # k-bit bases checkpoint by default, which this method cannot train with
+        logging.getLogger("peftkit").warning(f"peftkit: {about.long_name} on a quantized base trains without "
+                                             f"gradient checkpointing ({about.why_no_checkpointing})")
+    return False
 
 
 def _freeze(model, gradient_checkpointing: bool | None) -> None:

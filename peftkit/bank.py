@@ -33,12 +33,13 @@ from torch import nn
 from transformers import DynamicCache, LogitsProcessorList, StoppingCriteriaList
 from transformers.pytorch_utils import Conv1D
 
-from .attach import BOTTLENECK, base_name, task_heads, tuner
+from .anatomy import base_name, task_heads
 from .decoding import RowSampler, Sequence, Watch
 from .errors import PeftkitError
 from .fingerprint import check_same_base, fingerprint
 from .loading import load_model, load_tokenizer
-from .saving import WEIGHTS, adapter_info, read_adapter_config, read_weights
+from .methods import method, tuner_groups
+from .saving import WEIGHTS, adapter_info, inject_saved, read_adapter_config, read_weights
 from .turns import Turns
 
 TASKS = {"ForCausalLM": "causal-lm", "LMHeadModel": "causal-lm", "ForSequenceClassification": "classification",
@@ -134,10 +135,11 @@ class AdapterBank:
             entry = Entry(name, info.method, task, path, (path / WEIGHTS).stat().st_size,
                           sum(t.numel() * t.element_size() for t in state.values()),
                           _labels(info.task) if task == "classification" else None, _recipe(path))
-            if info.method == "lora":
+            if method(info.method).peft_native:  # peft's files, applied per row by the bank's LoRA hooks
                 entry.lora = self._read_lora(config, rest)  # checks everything; changes nothing
             else:
-                self._inject_own(name, info, rest)
+                inject_saved(self.model, name, info, rest)
+                self.model.eval()
             for head, module in head_modules.items():  # nothing below can fail
                 self.heads[head].heads[name] = module.to(self.model.device)
             for module_path in entry.lora:
@@ -150,11 +152,11 @@ class AdapterBank:
         """Drop adapter `name`; the others stay exactly as they were."""
         with self.lock:
             entry = self._entry(name)
-            if entry.method == "lora":
+            if method(entry.method).peft_native:
                 for module_path in entry.lora:
                     self._unhook(module_path)
             else:
-                tuner(entry.method).remove(self.model, name)
+                method(entry.method).tuner.remove(self.model, name)
             for switch in self.heads.values():
                 del switch.heads[name]
             del self.entries[name]
@@ -331,7 +333,7 @@ class AdapterBank:
 
     def answer(self, questions, contexts, adapter) -> list[dict]:
         """{"answer", "score", "start"} per question: the best span of its context (over windows)."""
-        from .tasks.qa import _windows, best_span
+        from .tasks.qa import best_span, question_windows
         self._need("qa", "answer")
         questions, contexts = list(questions), list(contexts)
         if len(questions) != len(contexts):
@@ -344,7 +346,7 @@ class AdapterBank:
         for q, name in enumerate(rows):
             groups.setdefault((self._setting(name, "max_length"), self._setting(name, "doc_stride")), []).append(q)
         for (max_length, stride), members in groups.items():
-            enc = _windows(self.tokenizer, [questions[q] for q in members], [contexts[q] for q in members],
+            enc = question_windows(self.tokenizer, [questions[q] for q in members], [contexts[q] for q in members],
                            max_length, stride)
             names = [k for k in self.tokenizer.model_input_names if k in enc]
             for i, source in enumerate(enc["overflow_to_sample_mapping"]):
@@ -414,18 +416,22 @@ class AdapterBank:
             self._select(None)
 
     def _select(self, rows) -> None:
-        methods = {e.method for e in self.entries.values()}
+        kinds = {e.method for e in self.entries.values()}
+        if rows is not None and len(set(rows)) > 1:
+            alone = sorted({n for n in rows if n and not method(self.entries[n].method).bank_rows})
+            if alone:
+                raise PeftkitError(f"adapter(s) {', '.join(alone)} cannot share a batch with other adapters "
+                                   "(their method does not mix per row); send their rows on their own")
 
-        def pick(kinds):  # the rows' adapters of these methods, None for the other rows
-            return None if rows is None else _collapse([n if n and self.entries[n].method in kinds else None
+        def pick(names):  # the rows' adapters of these methods, None for the other rows
+            return None if rows is None else _collapse([n if n and self.entries[n].method in names else None
                                                         for n in rows])
-        if methods & set(BOTTLENECK):
-            tuner("houlsby").set_active(self.model, pick(BOTTLENECK))
-        if "prefix" in methods:
-            tuner("prefix").set_active(self.model, pick(("prefix",)))
+        own = [m for m in kinds if not method(m).peft_native]
+        for names in tuner_groups(own).values():  # methods sharing a tuner switch together
+            method(names[0]).tuner.set_active(self.model, pick(names))
         for switch in self.heads.values():
             switch.active = None if rows is None else _collapse(rows)
-        self._lora_now = self._lora_plan(pick(("lora",)))
+        self._lora_now = self._lora_plan(pick([m for m in kinds if method(m).peft_native]))
 
     def _lora_plan(self, chosen) -> dict | None:
         """{module path: (A, B)}: one adapter's own tensors, or per-row stacks for mixed rows."""
@@ -488,19 +494,6 @@ class AdapterBank:
             device = next(module.parameters()).device
             out[path] = (a.t().contiguous().to(device), (b * scaling).t().contiguous().to(device))
         return out
-
-    def _inject_own(self, name: str, info, state: dict) -> None:
-        method = tuner(info.method)
-        options = info.options if info.method == "prefix" else {"method": info.method, **info.options}
-        method.inject(self.model, method.Config.from_options(options), name)
-        try:
-            method.load_adapter_state_dict(self.model, name, state)
-        except Exception:
-            method.remove(self.model, name)
-            raise
-        for p in self.model.parameters():
-            p.requires_grad_(False)
-        self.model.eval()
 
     def _check_new_name(self, name) -> None:
         if not isinstance(name, str) or not NAME.fullmatch(name) or hasattr(nn.ModuleDict(), name):

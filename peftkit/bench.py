@@ -40,7 +40,6 @@ from .errors import PeftkitError
 from .shipped import shipped
 
 CONFIGS_DIR = shipped("benchmarks") / "configs"
-DEFAULT_METHODS = ("lora", "houlsby", "pfeiffer", "parallel", "prefix")
 FORMATS = ("table", "csv", "json", "markdown")
 # Published parameter counts of the shipped configs (base model, as counted by
 # its model card / paper), shown next to ours in the markdown report.
@@ -73,27 +72,28 @@ def param_table(model_spec, methods=None, task: str | None = None) -> list[dict]
     classification, qa, base or a transformers class name; default causal-lm for
     decoders, classification for encoders.
     """
+    from .methods import METHODS
     from .presets import resolve_spec
 
-    methods = [methods] if isinstance(methods, str) else list(DEFAULT_METHODS if methods is None else methods)
+    methods = [methods] if isinstance(methods, str) else list(METHODS if methods is None else methods)
     if not methods:
-        raise PeftkitError("no method given; methods: " + ", ".join(DEFAULT_METHODS))
-    specs = [(label, *resolve_spec(label)) for label in methods]  # unknown names fail before any model is built
+        raise PeftkitError("no method given; methods: " + ", ".join(METHODS))
+    specs = [(label, resolve_spec(label)) for label in methods]  # unknown names fail before any model is built
     config, display = load_config(model_spec)
     task = task or default_task(config)
-    model_cls = model_class(task)
+    model_cls = _model_class(task)
 
     rows = []
-    for label, method, options, quantize in specs:
+    for label, spec in specs:
         start = time.perf_counter()
         model = meta_model(config, model_cls)
         base_params = _count(model)[1]
-        model = _attach_meta(model, method, options, label, display)
+        model = _attach_meta(model, spec, label, display)
         trainable, total = _count(model)
         shapes = saved_tensors(model)
-        setting = describe(model, method)
-        if quantize:  # counts on a 4/8-bit base are the same; the base's file is smaller, not the adapter's
-            setting += f"; base {quantize}"
+        setting = spec.about.tuner.describe(model)
+        if spec.quantize:  # counts on a 4/8-bit base are the same; the base's file is smaller, not the adapter's
+            setting += f"; base {spec.quantize}"
         rows.append({
             "model": display,
             "model_type": config.model_type,
@@ -162,19 +162,6 @@ def default_task(config) -> str:
     return "classification"
 
 
-def model_class(task: str):
-    import transformers
-
-    from .loading import TASKS
-
-    if task in TASKS:
-        return TASKS[task]
-    cls = getattr(transformers, task, None)
-    if cls is None or not hasattr(cls, "from_config") and not hasattr(cls, "_from_config"):
-        raise PeftkitError(f"unknown task {task!r}; tasks: {', '.join(TASKS)} or a transformers model class name")
-    return cls
-
-
 def meta_model(config, model_cls):
     """`model_cls` built from `config` with every parameter and buffer on the meta device."""
     import torch
@@ -192,17 +179,9 @@ def meta_model(config, model_cls):
 
 def saved_tensors(model, name: str | None = None) -> dict[str, tuple]:
     """{key: (shape, safetensors dtype)} of what save_adapter writes for adapter `name`."""
-    from peft.utils import get_peft_model_state_dict
+    from .saving import saved_state
 
-    from .attach import base_model, pick_adapter, tuner
-    from .saving import _head_state  # the task heads saved next to peftkit's own methods
-
-    name, info = pick_adapter(model, name)
-    if info.method == "lora":  # what PeftModel.save_pretrained writes (save_adapter uses it)
-        state = get_peft_model_state_dict(model, adapter_name=name)
-    else:  # what saving.write_adapter_files writes
-        state = {**tuner(info.method).adapter_state_dict(model, name), **_head_state(base_model(model))}
-    return {key: (tuple(t.shape), _st_dtype(t.dtype)) for key, t in state.items()}
+    return {key: (tuple(t.shape), _st_dtype(t.dtype)) for key, t in saved_state(model, name).items()}
 
 
 def safetensors_size(tensors: dict[str, tuple], float_dtype: str | None = None,
@@ -229,29 +208,6 @@ def safetensors_size(tensors: dict[str, tuple], float_dtype: str | None = None,
     return 8 + text + (-text % 8) + offset
 
 
-def describe(model, method: str) -> str:
-    """A short note of what was attached: rank and targets, bottleneck size and sites, prefix shape."""
-    if method == "lora":
-        from peft.tuners.lora import LoraLayer
-
-        config = next(iter(model.peft_config.values()))
-        layers = [n for n, m in model.named_modules() if isinstance(m, LoraLayer)]
-        targets = sorted({n.rsplit(".", 1)[-1] for n in layers})
-        extra = " dora" if config.use_dora else ""
-        return f"r={config.r}{extra} on {len(layers)} x {','.join(targets)}"
-    if method == "prefix":
-        bank = model._peftkit_prefix
-        config = next(iter(bank.configs.values()))
-        mlp = "" if not config.prefix_projection else \
-            f", MLP {config.encoder_hidden_size or bank.geometry.token_dim}"
-        return f"{config.num_virtual_tokens} tokens x {bank.geometry.num_layers} layers{mlp}"
-    from .tuners.bottleneck.layer import Bottleneck
-
-    adapters = [m for m in model.modules() if isinstance(m, Bottleneck)]
-    sizes = sorted({a.down.out_features for a in adapters})
-    return f"size {','.join(map(str, sizes))} at {len(adapters)} sites"
-
-
 # ---------------------------------------------------------------------------- CLI
 
 def add_bench_parser(subparsers) -> argparse.ArgumentParser:
@@ -270,7 +226,7 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
                         "smollm2-135m) or a shipped config (benchmarks/configs/*.json); repeatable")
     p.add_argument("--shipped", action="store_true", help="every config in benchmarks/configs/")
     p.add_argument("--method", action="append", default=None, metavar="METHOD|PRESET|YAML",
-                   help=f"repeatable; default: {' '.join(DEFAULT_METHODS)}")
+                   help="repeatable; default: every method")
     p.add_argument("--task", default=None,
                    help="causal-lm, classification, qa, base or a transformers class name "
                         "(default: causal-lm for decoders, classification for encoders)")
@@ -366,14 +322,14 @@ def _checked(load, what: str):
         raise PeftkitError(f"cannot read the config of {what}: {err}") from None
 
 
-def _attach_meta(model, method, options, label, display):
+def _attach_meta(model, spec, label, display):
     import torch
 
     from .attach import attach
 
     try:
         with torch.device("meta"):  # adapters are born on the meta device too: no memory even for 70B
-            return attach(model, {"method": method, **options})
+            return attach(model, {"method": spec.method, **spec.options})
     except PeftkitError as err:
         raise PeftkitError(f"cannot attach {label!r} to {display} ({model.config.model_type}, "
                            f"{type(model).__name__}): {err}") from None
@@ -451,7 +407,7 @@ def _checkpoint_params(model_spec) -> tuple[str, int]:
     from transformers import AutoModel
 
     config, _ = load_config(model_spec)
-    model = meta_model(config, model_class("causal-lm") if default_task(config) == "causal-lm" else AutoModel)
+    model = meta_model(config, _model_class("causal-lm") if default_task(config) == "causal-lm" else AutoModel)
     return type(model).__name__, _count(model)[1]
 
 
@@ -487,3 +443,9 @@ def _command_line(args) -> str:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def _model_class(task: str):
+    from .loading import model_class  # imports transformers: not before a command needs it
+
+    return model_class(task)

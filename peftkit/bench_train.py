@@ -356,7 +356,7 @@ def _trainer(bench: Bench, variant: Variant, recipe, work: Path, meter) -> tuple
         if recipe.train.gradient_checkpointing:
             model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     else:
-        model = attach(setup.model, recipe.method, gradient_checkpointing=recipe.train.gradient_checkpointing)
+        model = attach(setup.model, setup.spec, gradient_checkpointing=recipe.train.gradient_checkpointing)
     trainer = make_trainer(recipe, setup, model, work, save=False, callbacks=[meter])
     return trainer, setup.tokenizer, setup.splits, setup.task, setup.precision
 

@@ -10,6 +10,7 @@ from transformers import AutoConfig, AutoTokenizer, BitsAndBytesConfig
 
 from .embedded import EMBEDDED_MODELS, model_name, resolve_model
 from .errors import PeftkitError
+from .presets import check_quantize
 
 TASKS = {
     "causal-lm": transformers.AutoModelForCausalLM,
@@ -17,7 +18,6 @@ TASKS = {
     "qa": transformers.AutoModelForQuestionAnswering,
     "base": transformers.AutoModel,
 }
-QUANTIZE = ("nf4", "fp4", "4bit", "8bit")
 # Task heads are trained in full precision, never quantized.
 HEADS = ["classifier", "score", "qa_outputs", "lm_head"]
 TASK_HEADS = ("classifier", "score", "qa_outputs")  # new on a pretrained body: trained, or loaded from the adapter
@@ -29,9 +29,8 @@ def load_model(name_or_path: str, task: str = "causal-lm", quantize: str | None 
     transformers class name); `quantize` in nf4/fp4/4bit/8bit loads the linear
     layers through bitsandbytes, computing in `matmul_dtype` (default: see
     compute_dtype). Extra keywords (num_labels, id2label, ...) go to the model config."""
-    model_cls = _model_class(task)
-    if quantize is not None and quantize not in QUANTIZE:
-        raise PeftkitError(f"quantize must be one of {', '.join(QUANTIZE)} or None, got {quantize!r}")
+    model_cls = model_class(task)
+    check_quantize(quantize)
     dtype = dtype or torch.float32
     kwargs = {"dtype": dtype, **config_overrides}
     if quantize:
@@ -173,7 +172,8 @@ def sharded_training() -> bool:
                for flag in ("ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED"))  # what accelerate reads too
 
 
-def _model_class(task: str):
+def model_class(task: str):
+    """The transformers class for a task name (an Auto class) or a transformers class name."""
     if task in TASKS:
         return TASKS[task]
     cls = getattr(transformers, task, None)

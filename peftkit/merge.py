@@ -13,17 +13,17 @@ import copy
 import torch
 from peft import PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 
-from .attach import pick_adapter, is_quantized
+from .anatomy import is_quantized, pick_adapter
 from .errors import PeftkitError
+from .methods import method
 
 
 def merge(model, name: str | None = None, dtype: torch.dtype | None = None, inplace: bool = False):
     name, info = pick_adapter(model, name)
-    if info.method != "lora":
-        raise PeftkitError(
-            f"adapter {name!r} is {info.method}: only LoRA is a weight update that folds into the base; "
-            f"{info.method} adds computation of its own (use load_adapter for inference instead)"
-        )
+    about = method(info.method)
+    if not about.mergeable:
+        raise PeftkitError(f"adapter {name!r} is {info.method}, which merge() cannot fold into the base: "
+                           f"{about.why_not_mergeable}")
     if not inplace:
         model = copy.deepcopy(model)
     model.set_adapter(name)

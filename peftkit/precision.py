@@ -85,7 +85,7 @@ def store_frozen_in_bf16(model, precision: str) -> int:
     """Store the frozen base's fp32 tensors in bf16 (what a peft user does by loading the base with
     dtype=torch.bfloat16); returns how many changed. Trainable tensors (adapters, heads) keep fp32
     master weights. A 4/8-bit base is left as peft's k-bit preparation set it (norms in fp32)."""
-    from .attach import is_quantized  # attach imports peft: not needed to check a recipe
+    from .anatomy import is_quantized  # anatomy imports peft: not needed to check a recipe
 
     if precision != "bf16" or is_quantized(model):
         return 0

@@ -1,18 +1,33 @@
 """Method presets: YAML files in adapters/, a YAML path, or a plain dict.
 
-Every spec resolves to (method, options); `quantize` is split off because it
-says how to load the base, not how to build the adapter.
+Every spec resolves once into an AdapterSpec (method, options, quantize, and the
+preset it came from); that object travels through training, attach, the model card
+and a reopened run. `quantize` says how to load the base, not how to build the adapter.
 """
+from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
 
 from .errors import PeftkitError
+from .methods import METHODS, Method, method
 from .shipped import shipped
 
 PRESETS_DIR = shipped("adapters")
-METHODS = ("lora", "houlsby", "pfeiffer", "parallel", "prefix")
-QUANTIZE = (None, "nf4", "fp4", "4bit", "8bit")
+QUANTIZE = ("nf4", "fp4", "4bit", "8bit")  # bitsandbytes bases: 4-bit NF4 or FP4 (4bit = nf4), 8-bit LLM.int8
+
+
+@dataclass
+class AdapterSpec:
+    method: str
+    options: dict
+    quantize: str | None = None
+    preset: str | None = None  # the preset name or YAML path it came from; None for an inline mapping
+
+    @property
+    def about(self) -> Method:
+        """The method's registry entry: what it can do, its tuner."""
+        return method(self.method)
 
 
 def preset_names() -> list[str]:
@@ -29,23 +44,31 @@ def read_yaml(path: Path) -> dict:
     return data
 
 
-def resolve_spec(spec) -> tuple[str, dict, str | None]:
-    """(method, options, quantize) from a preset name, a YAML path or a dict."""
-    if isinstance(spec, (str, Path)):
-        options = preset_mapping(spec)
+def resolve_spec(spec, quantize: str | None = None) -> AdapterSpec:
+    """The AdapterSpec of a preset name, a YAML path, a dict or an AdapterSpec; `quantize`
+    (a recipe's own key) overrides the preset's."""
+    if isinstance(spec, AdapterSpec):
+        options, preset = {"method": spec.method, **spec.options, "quantize": spec.quantize}, spec.preset
+    elif isinstance(spec, (str, Path)):
+        options, preset = preset_mapping(spec), str(spec)
     elif isinstance(spec, dict):
-        options = dict(spec)
+        options, preset = dict(spec), None
     else:
         raise PeftkitError(f"an adapter spec is a preset name, a YAML path or a dict, got {type(spec).__name__}")
-    method = options.pop("method", None)
-    if method not in METHODS:
+    name = options.pop("method", None)
+    if name not in METHODS:
         raise PeftkitError(
-            f"unknown method {method!r}; methods: {', '.join(METHODS)}; presets: {', '.join(preset_names())}"
+            f"unknown method {name!r}; methods: {', '.join(METHODS)}; presets: {', '.join(preset_names())}"
         )
-    quantize = options.pop("quantize", None)
-    if quantize not in QUANTIZE:
-        raise PeftkitError(f"quantize must be one of {QUANTIZE}, got {quantize!r}")
-    return method, options, quantize
+    quantize = quantize or options.pop("quantize", None)
+    options.pop("quantize", None)
+    check_quantize(quantize)
+    return AdapterSpec(name, options, quantize, preset)
+
+
+def check_quantize(quantize: str | None) -> None:
+    if quantize is not None and quantize not in QUANTIZE:
+        raise PeftkitError(f"quantize must be one of {', '.join(QUANTIZE)} or null, got {quantize!r}")
 
 
 def preset_mapping(spec) -> dict:

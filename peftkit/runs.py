@@ -69,11 +69,11 @@ def open_run(path) -> Run:
         raise PeftkitError(f"{path} has no recipe.yaml; `peftkit train` writes one next to the adapter")
     recipe = build(Recipe, read_yaml(path / "recipe.yaml"), "")
     task = (config.get("peftkit") or {}).get("task", {})
-    _, _, preset_quantize = resolve_spec(recipe.method)
+    spec = resolve_spec(recipe.method, recipe.quantize)
     extra = {"num_labels": task["num_labels"], "id2label": {int(k): v for k, v in task["id2label"].items()}} \
         if "num_labels" in task else {}
     tokenizer = load_tokenizer(recipe.model)
     base = load_model(recipe.model, task=task.get("class", task_module(recipe.task).MODEL_TASK),
-                      quantize=recipe.quantize or preset_quantize, pad_token_id=tokenizer.pad_token_id, **extra,
+                      quantize=spec.quantize, pad_token_id=tokenizer.pad_token_id, **extra,
                       **recipe.model_config)
     return Run(path, recipe, load_adapter(base, path), tokenizer)

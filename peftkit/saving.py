@@ -17,12 +17,11 @@ from peft import LoraConfig, PeftModel
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from .attach import (AdapterInfo, adapters_of, base_fingerprint, base_model, base_name, pick_adapter, task_heads,
-                     tuner)
+from .anatomy import AdapterInfo, adapters_of, base_fingerprint, base_model, base_name, pick_adapter, task_heads
 from .errors import PeftkitError
 from .fingerprint import check_same_base
 from .loading import keep_standard_4bit_layout
-from .presets import METHODS
+from .methods import METHODS, method
 
 WEIGHTS = "adapter_model.safetensors"
 CONFIG = "adapter_config.json"
@@ -41,10 +40,10 @@ def write_adapter_files(model, folder: Path, name: str | None = None) -> None:
     """The adapter's two files, written into an existing folder (a training
     checkpoint, or save_adapter's staging folder)."""
     name, info = pick_adapter(model, name)
-    if info.method == "lora":
+    if method(info.method).peft_native:
         _save_lora(model, name, info, Path(folder))
     else:
-        state = {**tuner(info.method).adapter_state_dict(model, name), **_head_state(base_model(model))}
+        state = saved_state(model, name)
         save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, Path(folder) / WEIGHTS,
                   metadata={"format": "pt"})
         _write_json(Path(folder) / CONFIG, {"peftkit": _record(info, name)})
@@ -54,14 +53,15 @@ def restore_adapter_weights(model, folder: Path, name: str | None = None) -> Non
     """Put the weights of a checkpoint back into the adapter already in `model`."""
     name, info = pick_adapter(model, name)
     state = read_weights(Path(folder) / WEIGHTS)
-    if info.method == "lora":
+    if method(info.method).peft_native:
         from peft import set_peft_model_state_dict
         set_peft_model_state_dict(model, state, adapter_name=name)
         return
     base = base_model(model)
     heads = {k: v for k, v in state.items() if k.split(".")[0] in task_heads(base)}
     _check_heads(base, heads)
-    tuner(info.method).load_adapter_state_dict(model, name, {k: v for k, v in state.items() if k not in heads})
+    method(info.method).tuner.load_adapter_state_dict(model, name,
+                                                       {k: v for k, v in state.items() if k not in heads})
     base.load_state_dict(heads, strict=False)
 
 
@@ -102,7 +102,7 @@ def load_adapter(model, path, name: str | None = None, trainable: bool = False):
     _check_heads(base, heads)
     existing = adapters_of(model)
     keep_standard_4bit_layout(base)  # as attach does: a user-loaded 4-bit base must not repack on CPU
-    if info.method == "lora":
+    if method(info.method).peft_native:
         lora = LoraConfig.from_peft_type(**{k: v for k, v in config.items() if k != "peftkit"})
         if isinstance(model, PeftModel):
             model.load_adapter(str(path), adapter_name=name, is_trainable=trainable)
@@ -152,28 +152,44 @@ def _save_lora(model, name, info, tmp: Path) -> None:
     _write_json(tmp / RECORD, _record(info, name))
 
 
+def saved_state(model, name: str | None = None) -> dict:
+    """The tensors save_adapter writes for adapter `name`: peft's state dict for a peft-native
+    method (what save_pretrained writes), else the tuner's weights and the task heads."""
+    name, info = pick_adapter(model, name)
+    if method(info.method).peft_native:
+        from peft.utils import get_peft_model_state_dict
+        return get_peft_model_state_dict(model, adapter_name=name)
+    return {**method(info.method).tuner.adapter_state_dict(model, name), **_head_state(base_model(model))}
+
+
 def _head_state(base) -> dict:
+    """The task heads' weights, keyed as in the base's state dict (saved with every adapter)."""
     return {f"{head}.{key}": value for head in task_heads(base)
             for key, value in base.get_submodule(head).state_dict().items()}
+
+
+def inject_saved(model, name: str, info: AdapterInfo, state: dict) -> None:
+    """Add a saved adapter of peftkit's own methods to `model` (active, frozen) from its weights,
+    without the task heads; on any mismatch the model is left as it was."""
+    about = method(info.method)
+    base = base_model(model)
+    about.tuner.inject(model, about.config(info.options, base, task_heads(base)), name)
+    try:
+        about.tuner.load_adapter_state_dict(model, name, state)
+    except Exception:
+        about.tuner.remove(model, name)
+        raise
+    about.tuner.set_active(model, name)
+    for param in model.parameters():
+        param.requires_grad_(False)
 
 
 def _load_own(model, name, info, state, trainable) -> None:
     base = base_model(model)
     heads = {k: v for k, v in state.items() if k.split(".")[0] in task_heads(base)}
     _check_heads(base, heads)
-    method = tuner(info.method)
-    config = method.Config.from_options({"method": info.method, **info.options} if info.method != "prefix"
-                                        else info.options)
-    method.inject(model, config, name)
-    try:
-        method.load_adapter_state_dict(model, name, {k: v for k, v in state.items() if k not in heads})
-    except Exception:
-        method.remove(model, name)
-        raise
+    inject_saved(model, name, info, {k: v for k, v in state.items() if k not in heads})
     base.load_state_dict(heads, strict=False)
-    method.set_active(model, name)
-    for param in model.parameters():
-        param.requires_grad_(False)
     if trainable:
         head_names = task_heads(base)
         for key, param in model.named_parameters():

@@ -22,6 +22,7 @@ from accelerate import PartialState
 from transformers import EarlyStoppingCallback, Trainer, TrainingArguments, set_seed
 from transformers.integrations import TensorBoardCallback
 
+from .anatomy import pick_adapter
 from .attach import attach
 from .batching import LengthBucketSampler
 from .datasource import load_splits
@@ -30,12 +31,12 @@ from .errors import PeftkitError
 from .loading import check_config_overrides, load_model, load_tokenizer, sharded_training
 from .meter import peak_memory_mb
 from .precision import choose_attention, compute, describe, resolve_precision, store_frozen_in_bf16
-from .presets import describe_spec, resolve_spec
+from .presets import AdapterSpec, describe_spec, resolve_spec
 from .plots import plot_training
 from .recipe import TASK_METRICS, Recipe, check_trackers
 from .report import param_report
 from .saving import restore_adapter_weights, staged_dir, write_adapter_files
-from .tasks import task_module
+from .tasks import Prepared, task_module
 
 EVALUATIONS = 4  # validation passes per run when the recipe does not set train.eval_steps
 
@@ -128,9 +129,9 @@ class Setup:
     task: object
     tokenizer: object
     splits: object
-    prepared: dict
+    prepared: Prepared
     model: object
-    quantize: str | None
+    spec: AdapterSpec  # the method spec, resolved once (the recipe's quantize over its preset's)
     precision: str  # fp32 or bf16, resolved for this machine
     attention: str  # the attention implementation the model runs ("eager" where plain matmuls are faster)
     steps: int  # optimizer steps the run will take (fewer if it stops early)
@@ -140,24 +141,23 @@ class Setup:
 def set_up(recipe: Recipe, processes: int = 1) -> Setup:
     task = task_module(recipe.task)
     precision = resolve_precision(recipe.train.precision)
-    _, _, preset_quantize = resolve_spec(recipe.method)
-    quantize = recipe.quantize or preset_quantize
+    spec = resolve_spec(recipe.method, recipe.quantize)
     check_config_overrides(recipe.model, recipe.model_config)
     set_seed(recipe.train.seed)  # before the model is built: new heads and adapters draw their init from it
     tokenizer = load_tokenizer(recipe.model)
     splits = load_splits(recipe)
     prepared = task.prepare(recipe, splits, tokenizer)  # every data check happens here, before training
-    steps = planned_steps(recipe, len(prepared["train"]), processes)
+    steps = planned_steps(recipe, len(prepared.train), processes)
     eval_steps = _eval_steps(recipe, steps)
-    taken = sorted(set(recipe.model_config) & set(prepared["model_kwargs"]))
+    taken = sorted(set(recipe.model_config) & set(prepared.model_kwargs))
     if taken:
         raise PeftkitError(f"model_config.{taken[0]} is set by the {recipe.task} task from the data and "
-                           f"tokenizer ({', '.join(prepared['model_kwargs'])}); remove it from model_config")
-    model = load_model(recipe.model, task=task.MODEL_TASK, quantize=quantize,
+                           f"tokenizer ({', '.join(prepared.model_kwargs)}); remove it from model_config")
+    model = load_model(recipe.model, task=task.MODEL_TASK, quantize=spec.quantize,
                        matmul_dtype=torch.bfloat16 if precision == "bf16" else torch.float32,
-                       **prepared["model_kwargs"], **recipe.model_config)
+                       **prepared.model_kwargs, **recipe.model_config)
     attention = choose_attention(model, precision, recipe.train.batch_size, recipe.train.max_length)
-    return Setup(task, tokenizer, splits, prepared, model, quantize, precision, attention, steps, eval_steps)
+    return Setup(task, tokenizer, splits, prepared, model, spec, precision, attention, steps, eval_steps)
 
 
 def planned_steps(recipe: Recipe, train_rows: int, processes: int) -> int:
@@ -199,9 +199,9 @@ def make_trainer(recipe: Recipe, setup: Setup, model, work: Path, save: bool = T
             return setup.task.evaluate(model, setup.tokenizer, setup.splits["validation"], recipe, desc="validation")
 
     trainer = AdapterTrainer(model=model, args=_arguments(recipe, work, setup.precision, save, eval_steps),
-                             data_collator=setup.prepared["collator"], train_dataset=setup.prepared["train"],
+                             data_collator=setup.prepared.collator, train_dataset=setup.prepared.train,
                              eval_dataset=setup.splits["validation"] if eval_steps else None,
-                             validate=validation_scores, task_loss=setup.prepared.get("loss"),
+                             validate=validation_scores, task_loss=setup.prepared.loss,
                              callbacks=callbacks, bf16_inputs=setup.precision == "bf16")
     for callback in trainer.callback_handler.callbacks:
         if isinstance(callback, TensorBoardCallback):  # into the work folder; the run folder gets it at the end
@@ -225,14 +225,14 @@ def train(recipe: Recipe, resume: bool = False, test: bool = True) -> Path:
     checkpoint = _checkpoint_to_resume(work, resume, clear=main)
 
     setup = set_up(recipe, processes.num_processes)
-    task, tokenizer, splits, quantize, precision = setup.task, setup.tokenizer, setup.splits, setup.quantize, \
+    task, tokenizer, splits, quantize, precision = setup.task, setup.tokenizer, setup.splits, setup.spec.quantize, \
         setup.precision
     before = None
     if main and test:
         with compute(precision):  # evaluation computes as training does
             before = task.evaluate(setup.model, tokenizer, splits["test"], recipe, desc="base model")
-    baseline = task.baseline_scores(splits["test"], recipe) if test and hasattr(task, "baseline_scores") else None
-    model = attach(setup.model, recipe.method, gradient_checkpointing=recipe.train.gradient_checkpointing)
+    baseline = task.baseline_scores(splits["test"], recipe) if test else None
+    model = attach(setup.model, setup.spec, gradient_checkpointing=recipe.train.gradient_checkpointing)
     report = param_report(model)
 
     trainer = make_trainer(recipe, setup, model, work, validate=True)
@@ -407,7 +407,7 @@ def _write_run(run_dir: Path, model, recipe: Recipe, metrics: dict, log: list, w
         (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
         (tmp / "recipe.yaml").write_text(yaml.safe_dump(_saved_recipe(recipe), sort_keys=False))
         (tmp / "train_log.jsonl").write_text("".join(json.dumps(row) + "\n" for row in log))
-        (tmp / "README.md").write_text(_model_card(run_dir, recipe, metrics))
+        (tmp / "README.md").write_text(_model_card(run_dir, recipe, metrics, pick_adapter(model)[1].method))
         plot_training(log, tmp / "training.png", recipe.best_metric,
                       f"{recipe.name}: {describe_spec(recipe.method)} on {recipe.model}")
         if (work / "tensorboard").is_dir():
@@ -428,10 +428,10 @@ def _saved_recipe(recipe: Recipe) -> dict:
     return saved
 
 
-def _model_card(run_dir: Path, recipe: Recipe, metrics: dict) -> str:
+def _model_card(run_dir: Path, recipe: Recipe, metrics: dict, method: str) -> str:
     scores = (", ".join(f"{k} {v:.4f}" for k, v in metrics["adapted"].items()) if metrics["adapted"]
               else "not run; validation " + ", ".join(f"{k} {v:.4f}" for k, v in (metrics["kept_validation"] or {}).items()))
-    method, spec = resolve_spec(recipe.method)[0], describe_spec(recipe.method)
+    spec = describe_spec(recipe.method)
     adapter = f"{method} adapter" if spec == method else f"{method} adapter (`{spec}`)"
     return f"""# {recipe.name}
 

@@ -324,7 +324,7 @@ def test_bf16_backbone_keeps_fp32_adapters():
 
 
 def test_4bit_llama_backbone(tmp_path):
-    bnb = pytest.importorskip("bitsandbytes")
+    import bitsandbytes as bnb
     from transformers import BitsAndBytesConfig, LlamaForCausalLM
 
     make_tiny("llama", "lm").save_pretrained(tmp_path)

@@ -208,7 +208,7 @@ def _trained_lora_weights(overrides, plain: bool = False) -> dict:
     with tempfile.TemporaryDirectory() as work:
         if plain:
             trainer = AdapterTrainer(model=model, args=_arguments(recipe, Path(work), "fp32", save=False),
-                                     data_collator=setup.prepared["collator"], train_dataset=setup.prepared["train"])
+                                     data_collator=setup.prepared.collator, train_dataset=setup.prepared.train)
         else:
             trainer = make_trainer(recipe, setup, model, Path(work), save=False)
             assert trainer.args.bf16 == (setup.precision == "bf16")

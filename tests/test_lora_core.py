@@ -6,6 +6,7 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 
 import peftkit
+from peftkit.anatomy import task_heads
 from conftest import make_tiny, tiny_inputs
 
 
@@ -36,7 +37,7 @@ def test_only_lora_and_heads_train(arch, task):
     assert changed, "nothing trained"
     for key in changed:
         assert "lora_" in key or "modules_to_save" in key, key
-    heads = peftkit.attach.__globals__["task_heads"](model.get_base_model())
+    heads = task_heads(model.get_base_model())
     assert all(any(f"{h}.modules_to_save" in k for k in changed) for h in heads)
 
 

@@ -249,7 +249,6 @@ def test_half_precision_backbone_keeps_fp32_prefix():
 
 
 def test_4bit_backbone_forward_backward(tmp_path):
-    pytest.importorskip("bitsandbytes")
     from transformers import BitsAndBytesConfig, LlamaForCausalLM
     make_tiny("llama", "lm").save_pretrained(tmp_path)
     quantized = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.float32)

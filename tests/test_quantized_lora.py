@@ -4,6 +4,7 @@ import torch
 import torch.nn as nn
 
 import peftkit
+from peftkit.anatomy import is_quantized
 from peftkit.merge import dequantize
 from conftest import make_tiny, tiny_inputs
 
@@ -23,7 +24,7 @@ def logits(model, inputs):
 @pytest.mark.parametrize("quantize", ["nf4", "fp4", "8bit"])
 def test_lora_on_quantized_base(tmp_path, tiny_dir, quantize):
     model = peftkit.load_model(tiny_dir, task="classification", quantize=quantize)
-    assert peftkit.attach.__globals__["is_quantized"](model)
+    assert is_quantized(model)
     model = peftkit.attach(model, {"method": "lora", "init_lora_weights": False}, gradient_checkpointing=True)
     inputs = tiny_inputs()
     model.train()

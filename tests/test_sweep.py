@@ -138,7 +138,7 @@ def test_an_interrupted_sweep_resumes_where_it_stopped(tmp_path, scored, trained
 
 
 def test_an_optuna_search_runs_its_trials_and_keeps_its_study(tmp_path, scored, trained):
-    optuna = pytest.importorskip("optuna")
+    import optuna  # a test dependency (pyproject [test])
     scored.rule = lambda recipe: round(1 - abs(math.log10(recipe.train.lr) + 3) / 10, 4)  # best at 1e-3
     tiny = [s.replace("max_steps=4", "max_steps=2") for s in TINY]
     settings = [*tiny, f"output_dir={tmp_path}", "train.lr=1e-4:1e-2", "method.r=4,8"]

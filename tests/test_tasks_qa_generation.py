@@ -85,7 +85,7 @@ def test_rouge_l_known_values():
 
 def _labelled_text(tokenizer, questions, contexts, answers, max_length, stride):
     """(window's decoded labelled tokens, span from offsets, sample index) per window with an answer."""
-    enc = qa._windows(tokenizer, questions, contexts, max_length, stride)
+    enc = qa.question_windows(tokenizer, questions, contexts, max_length, stride)
     lab = qa.encode_train(tokenizer, questions, contexts, answers, max_length, stride)
     assert lab["input_ids"] == enc["input_ids"]
     out = []

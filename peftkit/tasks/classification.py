@@ -6,6 +6,7 @@ from transformers import DataCollatorWithPadding
 
 from ..batching import PAD_MULTIPLE
 from ..errors import PeftkitError
+from . import Prepared
 
 MODEL_TASK = "classification"
 
@@ -15,7 +16,7 @@ def columns(data) -> dict:
     return {data.text: "text", data.label: "label"}
 
 
-def prepare(recipe, splits, tokenizer) -> dict:
+def prepare(recipe, splits, tokenizer) -> Prepared:
     data = recipe.data
     labels = label_names(splits, data)
     for name in splits:
@@ -30,12 +31,10 @@ def prepare(recipe, splits, tokenizer) -> dict:
 
     train = splits["train"].map(encode, batched=True, remove_columns=splits["train"].column_names,
                                 desc="tokenizing")
-    return {
-        "train": train,
-        "collator": DataCollatorWithPadding(tokenizer, pad_to_multiple_of=PAD_MULTIPLE),
-        "model_kwargs": {"num_labels": len(labels), "id2label": dict(enumerate(labels)),
-                         "label2id": {l: i for i, l in enumerate(labels)}, "pad_token_id": tokenizer.pad_token_id},
-    }
+    return Prepared(train, DataCollatorWithPadding(tokenizer, pad_to_multiple_of=PAD_MULTIPLE),
+                    model_kwargs={"num_labels": len(labels), "id2label": dict(enumerate(labels)),
+                                  "label2id": {l: i for i, l in enumerate(labels)},
+                                  "pad_token_id": tokenizer.pad_token_id})
 
 
 def label_names(splits, data) -> list[str]:
@@ -98,3 +97,8 @@ def macro_f1(predicted: list, gold: list) -> float:
         fn = sum(p != label and g == label for p, g in zip(predicted, gold))
         scores.append(2 * tp / (2 * tp + fp + fn) if tp else 0.0)
     return sum(scores) / len(scores)
+
+
+def baseline_scores(dataset, recipe) -> None:
+    """None: classification reports no model-free baseline; the base model's test score is the one to beat."""
+    return None

@@ -15,6 +15,7 @@ from datasets import ClassLabel
 from tqdm.auto import tqdm
 
 from ..errors import PeftkitError
+from . import Prepared
 from .qa import normalize_answer
 
 MODEL_TASK = "causal-lm"
@@ -82,7 +83,7 @@ def columns(data) -> dict:
     return {data.prompt: "text", data.target: "label"}
 
 
-def prepare(recipe, splits, tokenizer) -> dict:
+def prepare(recipe, splits, tokenizer) -> Prepared:
     data, t = recipe.data, recipe.train
     if tokenizer.eos_token_id is None:
         raise PeftkitError(f"the tokenizer of {recipe.model} has no eos token; generation needs one to end answers")
@@ -104,12 +105,8 @@ def prepare(recipe, splits, tokenizer) -> dict:
 
     train = splits["train"].map(encode, batched=True, remove_columns=splits["train"].column_names,
                                 desc="tokenizing (chat prompts + answers)")
-    return {
-        "train": train,
-        "collator": CausalCollator(tokenizer.pad_token_id, side="right"),
-        "loss": answer_loss,
-        "model_kwargs": {"pad_token_id": tokenizer.pad_token_id},
-    }
+    return Prepared(train, CausalCollator(tokenizer.pad_token_id, side="right"),
+                    model_kwargs={"pad_token_id": tokenizer.pad_token_id}, loss=answer_loss)
 
 
 def answer_loss(model, inputs: dict, num_items_in_batch=None) -> torch.Tensor:
@@ -257,3 +254,8 @@ def rouge_l(prediction: str, reference: str) -> float:
         return 0.0
     precision, recall = lcs / len(pred), lcs / len(ref)
     return 2 * precision * recall / (precision + recall)
+
+
+def baseline_scores(dataset, recipe) -> None:
+    """None: generation reports no model-free baseline; the base model's test score is the one to beat."""
+    return None

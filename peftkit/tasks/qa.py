@@ -17,6 +17,7 @@ from transformers import DataCollatorWithPadding
 
 from ..batching import PAD_MULTIPLE
 from ..errors import PeftkitError
+from . import Prepared
 
 MODEL_TASK = "qa"
 MIN_CONTEXT_TOKENS = 32  # a window must hold at least this much context next to the longest question
@@ -32,7 +33,7 @@ def columns(data) -> dict:
     return {data.question: "text", data.context: "text", data.answers: "answers"}
 
 
-def prepare(recipe, splits, tokenizer) -> dict:
+def prepare(recipe, splits, tokenizer) -> Prepared:
     data = recipe.data
     if not getattr(tokenizer, "is_fast", False):
         raise PeftkitError(f"qa needs a fast tokenizer (offset mappings); {recipe.model} has {type(tokenizer).__name__}")
@@ -44,11 +45,8 @@ def prepare(recipe, splits, tokenizer) -> dict:
 
     train = splits["train"].map(encode, batched=True, remove_columns=splits["train"].column_names,
                                 desc="tokenizing (question + context windows)")
-    return {
-        "train": train,
-        "collator": DataCollatorWithPadding(tokenizer, pad_to_multiple_of=PAD_MULTIPLE),
-        "model_kwargs": {"pad_token_id": tokenizer.pad_token_id},
-    }
+    return Prepared(train, DataCollatorWithPadding(tokenizer, pad_to_multiple_of=PAD_MULTIPLE),
+                    model_kwargs={"pad_token_id": tokenizer.pad_token_id})
 
 
 def check_lengths(splits, tokenizer, recipe) -> None:
@@ -80,7 +78,7 @@ def _questions(questions) -> list[str]:
     return [q.lstrip() for q in questions]  # leading spaces only waste window room
 
 
-def _windows(tokenizer, questions, contexts, max_length, stride):
+def question_windows(tokenizer, questions, contexts, max_length, stride):
     return tokenizer(_questions(questions), list(contexts), truncation="only_second", max_length=max_length,
                      stride=stride, return_overflowing_tokens=True, return_offsets_mapping=True)
 
@@ -94,7 +92,7 @@ def _context_range(sequence_ids) -> tuple[int, int]:
 def encode_train(tokenizer, questions, contexts, answers, max_length, stride) -> dict:
     """Windows with start_positions/end_positions: the first gold answer's tokens, or the CLS
     index when the answer is not wholly inside the window (or the question has no answer)."""
-    enc = _windows(tokenizer, questions, contexts, max_length, stride)
+    enc = question_windows(tokenizer, questions, contexts, max_length, stride)
     starts, ends = [], []
     for i, offsets in enumerate(enc["offset_mapping"]):
         ids = enc["input_ids"][i]
@@ -154,7 +152,7 @@ def answer(model, tokenizer, questions, contexts, recipe, desc="answering") -> l
     score is p(start) * p(end) within the window the span came from; start is a character index."""
     questions, contexts = list(questions), list(contexts)
     t = recipe.train
-    enc = _windows(tokenizer, questions, contexts, t.max_length, t.doc_stride)
+    enc = question_windows(tokenizer, questions, contexts, t.max_length, t.doc_stride)
     names = [k for k in tokenizer.model_input_names if k in enc]
     n_windows = len(enc["input_ids"])
     order = sorted(range(n_windows), key=lambda i: len(enc["input_ids"][i]))  # similar lengths pad less

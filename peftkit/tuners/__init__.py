@@ -1,9 +1,16 @@
 """Adapter methods, one module or package each, shaped like peft's tuners.
 
-LoRA is peft's own (peftkit.tuners.lora only translates options). The methods
-peft lacks here (bottleneck adapters; prefix tuning that works for encoders and
-task heads under transformers 5) live in their own packages with
-config.py / layer.py / model.py and expose the same five functions:
+Each method is declared in peftkit.methods, which names its tuner module. Every
+tuner checks and builds its method's config:
+
+    check_options(method, options)                      PeftkitError naming a bad option
+    build_config(method, options, model, heads)         the config attach injects
+    describe(model)                                     one line on what was attached (bench params)
+
+LoRA is peft's own (peftkit.tuners.lora only translates options into a LoraConfig).
+The methods peft lacks here (bottleneck adapters; prefix tuning that works for
+encoders and task heads under transformers 5) live in their own packages with
+config.py / layer.py / model.py and also expose:
 
     Config                       dataclass; Config.from_options(dict) validates and
                                  raises PeftkitError naming the bad option

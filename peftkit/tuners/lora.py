@@ -11,8 +11,9 @@ from ..errors import PeftkitError
 OPTIONS = sorted(f.name for f in dataclasses.fields(LoraConfig) if f.init and f.name not in ("peft_type", "task_type"))
 
 
-def lora_config(model, options: dict, heads: list[str]) -> LoraConfig:
-    check_options(options)
+def build_config(method: str, options: dict, model, heads: list[str]) -> LoraConfig:
+    """peft's LoraConfig for `model`: default targets per architecture, task heads saved with it."""
+    check_options(method, options)
     options = dict(options)
     if options.get("target_modules") is None:
         options["target_modules"] = list(layout_of(model).lora_targets)
@@ -24,7 +25,7 @@ def lora_config(model, options: dict, heads: list[str]) -> LoraConfig:
         raise PeftkitError(f"invalid LoRA options: {err}") from None
 
 
-def check_options(options: dict) -> None:
+def check_options(method: str, options: dict) -> None:
     """What can be checked without a model: every option is LoraConfig's, and the rank is usable."""
     unknown = sorted(set(options) - set(OPTIONS))
     if unknown:
@@ -61,3 +62,14 @@ def _check_targets(model, targets) -> None:
             f"candidates: {', '.join(candidate_modules(model))} (a list matches name suffixes, "
             "a string is a regex matched against full names)"
         )
+
+
+def describe(model) -> str:
+    """Rank and targets, for `bench params`."""
+    from peft.tuners.lora import LoraLayer
+
+    config = next(iter(model.peft_config.values()))
+    layers = [n for n, m in model.named_modules() if isinstance(m, LoraLayer)]
+    targets = sorted({n.rsplit(".", 1)[-1] for n in layers})
+    extra = " dora" if config.use_dora else ""
+    return f"r={config.r}{extra} on {len(layers)} x {','.join(targets)}"

@@ -2,7 +2,8 @@
 
 One package, three methods, picked by Config.method. See peftkit.tuners for the contract.
 """
-from .config import Config
-from .model import adapter_state_dict, inject, load_adapter_state_dict, remove, set_active
+from .config import Config, build_config, check_options
+from .model import adapter_state_dict, describe, inject, load_adapter_state_dict, remove, set_active
 
-__all__ = ["Config", "inject", "adapter_state_dict", "load_adapter_state_dict", "set_active", "remove"]
+__all__ = ["Config", "check_options", "build_config", "inject", "adapter_state_dict", "load_adapter_state_dict",
+           "set_active", "remove", "describe"]

@@ -9,8 +9,9 @@ import re
 from dataclasses import dataclass, fields
 
 from ...errors import PeftkitError
+from ...methods import METHODS as REGISTRY
 
-METHODS = ("houlsby", "pfeiffer", "parallel")
+METHODS = tuple(name for name, m in REGISTRY.items() if m.tuner_module == "peftkit.tuners.bottleneck")
 NON_LINEARITIES = ("relu", "gelu", "silu", "tanh")
 DEFAULT_REDUCTION_FACTOR = 16
 DEFAULT_SCALING = 4.0  # He et al. 2022 scale the parallel adapter's output by 4
@@ -137,3 +138,12 @@ def _is_int(x) -> bool:
 
 def _is_number(x) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def check_options(method: str, options: dict) -> None:
+    Config.from_options({"method": method, **options})
+
+
+def build_config(method: str, options: dict, model=None, heads=()) -> Config:
+    """The adapter's config (its sizes are checked against the model when it is injected)."""
+    return Config.from_options({"method": method, **options})

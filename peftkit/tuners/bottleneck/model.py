@@ -252,3 +252,10 @@ def _adapter_tensors(model, name) -> dict[str, torch.Tensor]:
 def _some(items, k=8) -> str:
     items = [str(i) for i in items]
     return ", ".join(items[:k]) + (f", ... ({len(items)} in all)" if len(items) > k else "")
+
+
+def describe(model) -> str:
+    """Bottleneck sizes and how many sites, for `bench params`."""
+    adapters = [m for m in model.modules() if isinstance(m, Bottleneck)]
+    sizes = sorted({a.down.out_features for a in adapters})
+    return f"size {','.join(map(str, sizes))} at {len(adapters)} sites"

@@ -4,7 +4,8 @@ Trainable key/value slots are prepended to every attention layer (see layer.py f
 The parameterization, including the optional reparameterization MLP, is peft's
 PrefixEncoder, so parameters and state-dict keys line up with peft's.
 """
-from .config import Config
-from .model import SUPPORTED, adapter_state_dict, inject, load_adapter_state_dict, remove, set_active
+from .config import Config, build_config, check_options
+from .model import SUPPORTED, adapter_state_dict, describe, inject, load_adapter_state_dict, remove, set_active
 
-__all__ = ["Config", "SUPPORTED", "inject", "adapter_state_dict", "load_adapter_state_dict", "set_active", "remove"]
+__all__ = ["Config", "SUPPORTED", "check_options", "build_config", "inject", "adapter_state_dict",
+           "load_adapter_state_dict", "set_active", "remove", "describe"]

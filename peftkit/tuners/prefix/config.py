@@ -39,3 +39,11 @@ class Config:
 
 def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)  # bool is an int subclass; reject True
+
+
+def check_options(method: str, options: dict) -> None:
+    Config.from_options(options)
+
+
+def build_config(method: str, options: dict, model=None, heads=()) -> Config:
+    return Config.from_options(options)

@@ -114,3 +114,11 @@ def _bank(model: nn.Module, name: str) -> PrefixBank:
     if name not in known:
         raise PeftkitError(f"prefix: no adapter named {name!r}; known: {', '.join(known) or 'none'}")
     return bank
+
+
+def describe(model) -> str:
+    """The prefix's shape, for `bench params`."""
+    bank = model._peftkit_prefix
+    config = next(iter(bank.configs.values()))
+    mlp = "" if not config.prefix_projection else f", MLP {config.encoder_hidden_size or bank.geometry.token_dim}"
+    return f"{config.num_virtual_tokens} tokens x {bank.geometry.num_layers} layers{mlp}"

@@ -1,0 +1,72 @@
+"""The adapter methods peftkit knows, each declared once with what it can do.
+
+    method("houlsby").tuner.inject(model, config, name)
+    method("lora").mergeable  -> True
+
+attach, save/load, merge, the bank, `bench params` and the CLI read this table; no
+other module names a method. A new method is one tuner folder (see peftkit.tuners
+for its contract) plus one entry here. Importing this module imports no torch.
+"""
+import importlib
+from dataclasses import dataclass
+
+from .errors import PeftkitError
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    long_name: str  # for messages: "prefix tuning does not work with ..."
+    tuner_module: str  # peftkit.tuners.<...>: Config, inject, adapter_state_dict, ... (peftkit.tuners)
+    peft_native: bool  # peft builds it (a PeftModel) and saves it in peft's file layout, which stock peft
+    # loads; otherwise its tuner injects it and save_adapter writes peftkit's layout (one record, one safetensors)
+    mergeable: bool  # a weight update that merge() folds into the base
+    quantized_base: bool  # trains and serves on a 4/8-bit bitsandbytes base
+    gradient_checkpointing: bool  # trains with checkpointed layers
+    bank_rows: bool  # the bank mixes it with other adapters per row of one batch
+    why_not_mergeable: str = ""  # merge()'s refusal, for methods that are not a weight update
+    why_no_checkpointing: str = ""  # attach()'s refusal, for methods that cannot train with it
+
+    @property
+    def tuner(self):
+        return importlib.import_module(self.tuner_module)
+
+    def check_options(self, options: dict) -> None:
+        """Refuse options the method does not have, without a model."""
+        self.tuner.check_options(self.name, options)
+
+    def config(self, options: dict, model, heads: list[str]):
+        """The tuner's config for `model` (whose task heads stay trainable)."""
+        return self.tuner.build_config(self.name, options, model, heads)
+
+
+_ADDS_COMPUTATION = "it adds computation of its own rather than a weight update (use load_adapter for inference)"
+_BOTTLENECK = dict(tuner_module="peftkit.tuners.bottleneck", peft_native=False, mergeable=False,
+                   quantized_base=True, gradient_checkpointing=True, bank_rows=True,
+                   why_not_mergeable="a bottleneck adapter is a small network between layers: " + _ADDS_COMPUTATION)
+
+METHODS = {m.name: m for m in (
+    Method("lora", "LoRA", "peftkit.tuners.lora", peft_native=True, mergeable=True, quantized_base=True,
+           gradient_checkpointing=True, bank_rows=True),  # Hu et al. 2021
+    Method("houlsby", "the Houlsby adapter", **_BOTTLENECK),  # Houlsby et al. 2019
+    Method("pfeiffer", "the Pfeiffer adapter", **_BOTTLENECK),  # Pfeiffer et al. 2020
+    Method("parallel", "the parallel adapter", **_BOTTLENECK),  # He et al. 2022
+    Method("prefix", "prefix tuning", "peftkit.tuners.prefix", peft_native=False, mergeable=False, quantized_base=True,
+           gradient_checkpointing=False, bank_rows=True,  # Li & Liang 2021
+           why_not_mergeable="prefix tuning adds key/value slots to attention: " + _ADDS_COMPUTATION,
+           why_no_checkpointing="the prefix travels in the KV cache, which checkpointed layers drop"),
+)}
+
+
+def method(name: str) -> Method:
+    if name not in METHODS:
+        raise PeftkitError(f"unknown method {name!r}; methods: {', '.join(METHODS)}")
+    return METHODS[name]
+
+
+def tuner_groups(names) -> dict:
+    """{tuner module: [method names]} for `names`: methods sharing a tuner are switched together."""
+    groups: dict[str, list[str]] = {}
+    for name in names:
+        groups.setdefault(method(name).tuner_module, []).append(name)
+    return groups
