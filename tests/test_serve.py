@@ -18,7 +18,7 @@ from test_bank import PREFIX, make_adapter, one_thread, tiny  # noqa: F401 (one_
 
 import peftkit
 from peftkit import AdapterBank
-from peftkit import serve
+from peftkit import batcher
 from peftkit.serve import BackgroundServer, create_app
 
 TOKEN = "s3cret"
@@ -281,7 +281,7 @@ def test_qa_server(tmp_path, monkeypatch):
 
         # a request over CHUNK_TOKENS of text is answered a chunk of rows per turn on the model
         calls, answer = [], bank.answer
-        monkeypatch.setattr(serve, "CHUNK_TOKENS", 25)
+        monkeypatch.setattr(batcher, "CHUNK_TOKENS", 25)
         monkeypatch.setattr(bank, "answer", lambda q, c, a: calls.append(len(q)) or answer(q, c, a))
         many_q, many_c = questions * 4, [c + " The crowd was large." for c in contexts] * 4
         response = post(server, "/v1/answer", {"model": "squad", "question": many_q, "context": many_c})
