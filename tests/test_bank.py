@@ -18,7 +18,7 @@ from conftest import CLASSES, SIZES, tiny_inputs, wait_until
 
 import peftkit
 from peftkit import AdapterBank, PeftkitError
-from peftkit import bank as bank_module
+from peftkit.bank import generate as bank_generate
 from peftkit.cli import main
 from peftkit.decoding import Sequence
 
@@ -180,7 +180,7 @@ def test_unload_leaves_the_others_untouched(suite, group):
     bank.unload(order[0])
     if GROUPS[group][1] == "lm":  # nothing left: the plain base model, with nothing of the adapters
         assert_row(outputs(bank.forward(None, **inputs)), ref[f"{group}/__base__"], 2, "emptied bank")
-        assert not bank._hooks and not hasattr(bank.model, "_peftkit_prefix")
+        assert not bank.lora.hooks and not hasattr(bank.model, "_peftkit_prefix")
 
 
 def test_base_weights_are_never_copied(suite):
@@ -233,7 +233,7 @@ def test_lora_the_bank_cannot_serve_is_refused(tmp_path):
     save_file(state, lora / "adapter_model.safetensors")
     with pytest.raises(PeftkitError, match="do not fit this base"):
         bank.load("lora", lora)
-    assert not bank.adapters() and not bank._hooks
+    assert not bank.adapters() and not bank.lora.hooks
 
 
 def test_names_and_rows_are_checked(suite):
@@ -369,7 +369,7 @@ def test_chunked_prefill_gives_the_same_tokens(decode_bank, monkeypatch, options
     lengths = [40, 5, 33, 12, 3]
     results = {}
     for limit in (30, 10 ** 9):
-        monkeypatch.setattr(bank_module, "PREFILL_TOKENS", limit)
+        monkeypatch.setattr(bank_generate, "PREFILL_TOKENS", limit)
         seqs, steps = decode(decode_bank, rows, lengths, **options)
         results[limit] = [(s.tokens, s.finish_reason) for s in seqs], steps
     (chunked, chunked_steps), (whole, whole_steps) = results[30], results[10 ** 9]
@@ -379,7 +379,7 @@ def test_chunked_prefill_gives_the_same_tokens(decode_bank, monkeypatch, options
 
 
 def test_a_long_prompt_lets_others_use_the_model_before_its_first_token(decode_bank, monkeypatch):
-    monkeypatch.setattr(bank_module, "PREFILL_TOKENS", 8)
+    monkeypatch.setattr(bank_generate, "PREFILL_TOKENS", 8)
     long = Sequence(prompts([40])[0], adapter="lora", max_tokens=4)
     other = {}
     steps_before_first_token = []
@@ -400,7 +400,7 @@ def test_a_long_prompt_lets_others_use_the_model_before_its_first_token(decode_b
 
 
 def test_a_row_cancelled_during_prefill_ends_without_its_batch_mates_noticing(decode_bank, monkeypatch):
-    monkeypatch.setattr(bank_module, "PREFILL_TOKENS", 16)
+    monkeypatch.setattr(bank_generate, "PREFILL_TOKENS", 16)
     rows, lengths = ["prefix", "lora", None], [40, 25, 9]
     uncancelled, _ = decode(decode_bank, rows, lengths)
     seqs = [Sequence(p, adapter=a, max_tokens=6) for p, a in zip(prompts(lengths), rows)]
@@ -433,7 +433,7 @@ def test_chunked_prefill_on_a_4bit_base_gives_the_same_tokens(decode_bank, tmp_p
         bank.load(name, decode_bank.describe(name)["path"])
     results = []
     for limit in (10, 10 ** 9):
-        monkeypatch.setattr(bank_module, "PREFILL_TOKENS", limit)
+        monkeypatch.setattr(bank_generate, "PREFILL_TOKENS", limit)
         seqs, steps = decode(bank, ["prefix", "lora", None], [30, 4, 21])
         results.append(([s.tokens for s in seqs], steps))
     assert results[0][0] == results[1][0] and results[0][1] > results[1][1]
