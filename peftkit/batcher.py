@@ -2,7 +2,7 @@
 
 A dispatcher thread groups waiting requests of one kind (up to max_batch rows, whatever adapters
 they name) into batches, and worker threads run the batches in turns: a generating batch offers
-the bank's lock after every token (and after every chunk of its prompts, bank.PREFILL_TOKENS
+the bank's lock after every token (and after every chunk of its prompts, bank.generate.PREFILL_TOKENS
 tokens), a classify or answer batch after every chunk of rows, and the lock goes to the waiting
 batch that has had the fewest turns (peftkit.turns). A new small request runs as soon as the step
 under way ends; long ones alternate step by step; none waits for a whole long one. A job whose
