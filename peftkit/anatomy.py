@@ -78,3 +78,9 @@ def task_of(model) -> dict:
         task["num_labels"] = model.config.num_labels
         task["id2label"] = {str(k): v for k, v in model.config.id2label.items()}
     return task
+
+
+def head_weights(state: dict, heads, key=lambda k: k) -> dict:
+    """The entries of an adapter's state dict that belong to the task heads `heads` (by the first
+    part of `key(name)`: the names in peft files carry a prefix first)."""
+    return {k: v for k, v in state.items() if key(k).split(".")[0] in heads}

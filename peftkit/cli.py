@@ -7,6 +7,7 @@ from pathlib import Path
 
 from .bench import add_bench_parser, run_bench
 from .errors import PeftkitError
+from .presets import QUANTIZE
 
 
 def main(argv=None) -> int:
@@ -142,7 +143,7 @@ def _serve(args):
 def _bank_arguments(p) -> None:
     p.add_argument("--adapter", action="append", default=[], metavar="NAME=DIR",
                    help="an adapter folder and the name rows/requests use for it (repeat for more)")
-    p.add_argument("--quantize", choices=["nf4", "fp4", "4bit", "8bit"], help="load the base in 4 or 8 bits")
+    p.add_argument("--quantize", choices=QUANTIZE, help="load the base in 4 or 8 bits")
 
 
 def _named(items: list[str]) -> dict:

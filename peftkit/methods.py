@@ -26,6 +26,7 @@ class Method:
     bank_rows: bool  # the bank mixes it with other adapters per row of one batch
     why_not_mergeable: str = ""  # merge()'s refusal, for methods that are not a weight update
     why_no_checkpointing: str = ""  # attach()'s refusal, for methods that cannot train with it
+    peft_type: str = ""  # peft's name for it (PeftType), for peft-native methods: how a plain peft folder says so
 
     @property
     def tuner(self):
@@ -47,7 +48,7 @@ _BOTTLENECK = dict(tuner_module="peftkit.tuners.bottleneck", peft_native=False, 
 
 METHODS = {m.name: m for m in (
     Method("lora", "LoRA", "peftkit.tuners.lora", peft_native=True, mergeable=True, quantized_base=True,
-           gradient_checkpointing=True, bank_rows=True),  # Hu et al. 2021
+           gradient_checkpointing=True, bank_rows=True, peft_type="LORA"),  # Hu et al. 2021
     Method("houlsby", "the Houlsby adapter", **_BOTTLENECK),  # Houlsby et al. 2019
     Method("pfeiffer", "the Pfeiffer adapter", **_BOTTLENECK),  # Pfeiffer et al. 2020
     Method("parallel", "the parallel adapter", **_BOTTLENECK),  # He et al. 2022

@@ -47,6 +47,8 @@ def read_yaml(path: Path) -> dict:
 def resolve_spec(spec, quantize: str | None = None) -> AdapterSpec:
     """The AdapterSpec of a preset name, a YAML path, a dict or an AdapterSpec; `quantize`
     (a recipe's own key) overrides the preset's."""
+    if isinstance(spec, AdapterSpec) and quantize in (None, spec.quantize):
+        return spec  # already resolved and checked
     if isinstance(spec, AdapterSpec):
         options, preset = {"method": spec.method, **spec.options, "quantize": spec.quantize}, spec.preset
     elif isinstance(spec, (str, Path)):

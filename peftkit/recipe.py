@@ -147,6 +147,14 @@ def load_recipe(path_or_name: str, overrides: list[str] = ()) -> Recipe:
     return build(Recipe, data, "")
 
 
+def run_recipe(run_dir) -> Recipe:
+    """The recipe a run folder was trained from (its recipe.yaml, written by `peftkit train`)."""
+    path = Path(run_dir) / "recipe.yaml"
+    if not path.is_file():
+        raise PeftkitError(f"{run_dir} has no recipe.yaml; `peftkit train` writes one next to the adapter")
+    return build(Recipe, read_yaml(path), "")
+
+
 def read_recipe(path_or_name: str) -> dict:
     """The recipe's YAML as a mapping, unchecked: a file, or the name of a shipped recipe."""
     path = Path(path_or_name)

@@ -8,8 +8,8 @@ from .errors import PeftkitError
 from .loading import load_model, load_tokenizer
 from .merge import merge
 from .precision import compute, resolve_precision
-from .recipe import Recipe, build
-from .presets import read_yaml, resolve_spec
+from .recipe import Recipe, run_recipe
+from .presets import resolve_spec
 from .saving import load_adapter, read_adapter_config
 from .tasks import task_module
 
@@ -65,9 +65,7 @@ def _inputs(row: dict, number: int, columns: list[str]) -> dict:
 def open_run(path) -> Run:
     path = Path(path)
     config = read_adapter_config(path)
-    if not (path / "recipe.yaml").is_file():
-        raise PeftkitError(f"{path} has no recipe.yaml; `peftkit train` writes one next to the adapter")
-    recipe = build(Recipe, read_yaml(path / "recipe.yaml"), "")
+    recipe = run_recipe(path)
     task = (config.get("peftkit") or {}).get("task", {})
     spec = resolve_spec(recipe.method, recipe.quantize)
     extra = {"num_labels": task["num_labels"], "id2label": {int(k): v for k, v in task["id2label"].items()}} \

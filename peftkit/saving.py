@@ -17,7 +17,8 @@ from peft import LoraConfig, PeftModel
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from .anatomy import AdapterInfo, adapters_of, base_fingerprint, base_model, base_name, pick_adapter, task_heads
+from .anatomy import (AdapterInfo, adapters_of, base_fingerprint, base_model, base_name, head_weights, pick_adapter,
+                      task_heads)
 from .errors import PeftkitError
 from .fingerprint import check_same_base
 from .loading import keep_standard_4bit_layout
@@ -58,7 +59,7 @@ def restore_adapter_weights(model, folder: Path, name: str | None = None) -> Non
         set_peft_model_state_dict(model, state, adapter_name=name)
         return
     base = base_model(model)
-    heads = {k: v for k, v in state.items() if k.split(".")[0] in task_heads(base)}
+    heads = head_weights(state, task_heads(base))
     _check_heads(base, heads)
     method(info.method).tuner.load_adapter_state_dict(model, name,
                                                        {k: v for k, v in state.items() if k not in heads})
@@ -93,7 +94,7 @@ def load_adapter(model, path, name: str | None = None, trainable: bool = False):
             f"{info.base_name!r}, and only its layer shapes were checked against {base_name(base)!r}")
     # peft keys read base_model.model.<module>...; heads are the keys under a task head
     heads = {k.removeprefix("base_model.model."): v for k, v in state.items()}
-    heads = {k: v for k, v in heads.items() if k.split(".")[0] in task_heads(base) and "lora_" not in k}
+    heads = {k: v for k, v in head_weights(heads, task_heads(base)).items() if "lora_" not in k}
     missing = [head for head in task_heads(base) if not any(k.split(".")[0] == head for k in heads)]
     if missing:  # loading would leave the head as initialized: random predictions, no error
         raise PeftkitError(f"{path} holds no weights for the model's task head {', '.join(missing)}; a "
@@ -186,7 +187,7 @@ def inject_saved(model, name: str, info: AdapterInfo, state: dict) -> None:
 
 def _load_own(model, name, info, state, trainable) -> None:
     base = base_model(model)
-    heads = {k: v for k, v in state.items() if k.split(".")[0] in task_heads(base)}
+    heads = head_weights(state, task_heads(base))
     _check_heads(base, heads)
     inject_saved(model, name, info, {k: v for k, v in state.items() if k not in heads})
     base.load_state_dict(heads, strict=False)
@@ -232,9 +233,10 @@ def adapter_info(config: dict) -> AdapterInfo:
     """What an adapter_config.json says about its adapter, peftkit's or plain peft's."""
     record = config.get("peftkit")
     if record is None:
-        if config.get("peft_type") != "LORA":
+        found = [m.name for m in METHODS.values() if m.peft_type and m.peft_type == config.get("peft_type")]
+        if not found:
             raise PeftkitError(f"unknown adapter type {config.get('peft_type')!r}; peftkit loads {', '.join(METHODS)}")
-        return AdapterInfo("lora", {}, config.get("base_model_name_or_path") or "unknown", {})
+        return AdapterInfo(found[0], {}, config.get("base_model_name_or_path") or "unknown", {})
     if record.get("method") not in METHODS:
         raise PeftkitError(f"unknown adapter method {record.get('method')!r}; known: {', '.join(METHODS)}")
     return AdapterInfo(**{k: record[k] for k in ("method", "options", "base_name", "base_fingerprint", "task")})

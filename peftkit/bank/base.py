@@ -18,7 +18,7 @@ from typing import Self
 
 from torch import nn
 
-from ..anatomy import base_name, task_heads
+from ..anatomy import base_name, head_weights, task_heads
 from ..errors import PeftkitError
 from ..fingerprint import check_same_base, fingerprint
 from ..loading import load_model, load_tokenizer
@@ -109,7 +109,7 @@ class Holder:
             if info.base_fingerprint:
                 check_same_base(info.base_fingerprint, self.fingerprint, info.base_name, self.base_name)
             state = read_weights(path / WEIGHTS)
-            heads = {k: v for k, v in state.items() if strip(k).split(".")[0] in self.heads}
+            heads = head_weights(state, self.heads, key=strip)
             rest = {k: v for k, v in state.items() if k not in heads}
             head_modules = {h: head_like(switch.original, h, heads) for h, switch in self.heads.items()}
             entry = Entry(name, info.method, task, path, (path / WEIGHTS).stat().st_size,
@@ -221,8 +221,5 @@ def _labels(task: dict) -> list[str]:
 
 
 def _recipe(path: Path):
-    if not (path / "recipe.yaml").is_file():
-        return None
-    from ..presets import read_yaml
-    from ..recipe import Recipe, build
-    return build(Recipe, read_yaml(path / "recipe.yaml"), "")
+    from ..recipe import run_recipe  # the bank imports no recipe machinery until a run folder has one
+    return run_recipe(path) if (path / "recipe.yaml").is_file() else None
