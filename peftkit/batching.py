@@ -18,11 +18,9 @@ import torch
 from torch.utils.data import Sampler
 
 BUCKET_BATCHES = 50  # batches per bucket: as transformers' mega-batches
-# Encoder tasks pad batches to a multiple of 8 tokens. With length-bucketed batches that is 8
-# batch shapes instead of ~50 on the sentiment recipe: glibc then reuses freed activation blocks
-# of recurring sizes, where ever-changing shapes fragmented its heap (sentiment LoRA peak RSS,
-# seeds 2-4: 1,585, 1,541, 1,557 MB -> 1,350, 1,386, 1,385 MB; the tokens padded grow by 12%;
-# QA recipe, seed 42: 7,092 -> 6,321 MB). GPUs' tensor cores want multiples of 8 as well.
+# Encoder tasks pad batches to a multiple of 8 tokens: with length-bucketed batches that is a few
+# recurring batch shapes, whose freed activation blocks glibc reuses, where ever-changing shapes
+# fragment its heap (peak RSS in benchmarks/results/README.md). GPUs' tensor cores want it too.
 PAD_MULTIPLE = 8
 
 
