@@ -117,6 +117,27 @@ def suite(tmp_path_factory):
     return spec, torch.load(root / "ref.pt", weights_only=True), root
 
 
+def served_llama(root: Path, adapters: dict, loaded: list) -> AdapterBank:
+    """For the server's tests: a tiny Llama base saved with SmolLM2's tokenizer under `root`, the
+    `adapters` ({name: spec}) saved in root/adapters (plus "foreign", made on another base, and
+    root/outside, outside that folder), and a bank over the base holding the `loaded` ones."""
+    tokenizer = peftkit.load_tokenizer("smollm2-135m")
+    size = {"vocab_size": tokenizer.vocab_size}
+    folder = root / "adapters"
+    for i, (name, spec) in enumerate(adapters.items()):
+        make_adapter(tiny("llama", "lm", **size), spec, folder / name, seed=i)
+    make_adapter(tiny("llama", "lm", seed=1, **size), {"method": "lora", "init_lora_weights": False},
+                 folder / "foreign")
+    make_adapter(tiny("llama", "lm", **size), {"method": "lora", "init_lora_weights": False}, root / "outside")
+    base = root / "tiny-llama"
+    tiny("llama", "lm", **size).save_pretrained(base)
+    tokenizer.save_pretrained(base)
+    bank = AdapterBank(str(base))
+    for name in loaded:
+        bank.load(name, folder / name)
+    return bank
+
+
 def full_bank(spec, group):
     arch, task, _ = GROUPS[group]
     bank = AdapterBank(tiny(arch, task))

@@ -6,7 +6,7 @@ bank must say the same thing.
 """
 import httpx
 import pytest
-from test_bank import PREFIX, make_adapter, one_thread, tiny  # noqa: F401 (one_thread: autouse fixture)
+from test_bank import PREFIX, make_adapter, one_thread, served_llama, tiny  # noqa: F401 (one_thread: autouse fixture)
 
 import peftkit
 from peftkit import AdapterBank, routes
@@ -22,19 +22,8 @@ LORA = {"method": "lora", "init_lora_weights": False}
 def lm(tmp_path_factory):
     """A tiny Llama with two adapters, its Service (admin on) and an HTTP server over the same bank."""
     root = tmp_path_factory.mktemp("routes")
-    tokenizer = peftkit.load_tokenizer("smollm2-135m")
-    size = {"vocab_size": tokenizer.vocab_size}
     adapters = root / "adapters"
-    for i, (name, spec) in enumerate({"alpha": LORA, "beta": "houlsby", "extra": PREFIX}.items()):
-        make_adapter(tiny("llama", "lm", **size), spec, adapters / name, seed=i)
-    make_adapter(tiny("llama", "lm", seed=1, **size), LORA, adapters / "foreign")  # another base
-    make_adapter(tiny("llama", "lm", **size), LORA, root / "outside")
-    base = root / "tiny-llama"
-    tiny("llama", "lm", **size).save_pretrained(base)
-    tokenizer.save_pretrained(base)
-    bank = AdapterBank(str(base))
-    for name in ("alpha", "beta"):
-        bank.load(name, adapters / name)
+    bank = served_llama(root, {"alpha": LORA, "beta": "houlsby", "extra": PREFIX}, loaded=["alpha", "beta"])
     limits = dict(adapter_dir=adapters, admin_token=TOKEN, max_tokens=32, max_prompt_tokens=48)
     service = Service.open(bank, **limits)
     with BackgroundServer(create_app(bank, **limits)) as server:

@@ -14,7 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
-from test_bank import PREFIX, make_adapter, one_thread, tiny  # noqa: F401 (one_thread: autouse fixture)
+from test_bank import PREFIX, make_adapter, one_thread, served_llama, tiny  # noqa: F401 (one_thread: autouse fixture)
 
 import peftkit
 from peftkit import AdapterBank
@@ -29,19 +29,9 @@ LORA = {"method": "lora", "init_lora_weights": False}
 def lm(tmp_path_factory):
     """A tiny Llama with SmolLM2's tokenizer, three adapters loaded, served with admin on."""
     root = tmp_path_factory.mktemp("serve")
-    tokenizer = peftkit.load_tokenizer("smollm2-135m")
-    size = {"vocab_size": tokenizer.vocab_size}
     adapters = root / "adapters"
-    for i, (name, spec) in enumerate({"alpha": LORA, "beta": "houlsby", "gamma": PREFIX, "extra": "pfeiffer"}.items()):
-        make_adapter(tiny("llama", "lm", **size), spec, adapters / name, seed=i)
-    make_adapter(tiny("llama", "lm", seed=1, **size), LORA, adapters / "foreign")  # another base
-    make_adapter(tiny("llama", "lm", **size), LORA, root / "outside")
-    base = root / "tiny-llama"
-    tiny("llama", "lm", **size).save_pretrained(base)
-    tokenizer.save_pretrained(base)
-    bank = AdapterBank(str(base))
-    for name in ("alpha", "beta", "gamma"):
-        bank.load(name, adapters / name)
+    bank = served_llama(root, {"alpha": LORA, "beta": "houlsby", "gamma": PREFIX, "extra": "pfeiffer"},
+                        loaded=["alpha", "beta", "gamma"])
     app = create_app(bank, adapter_dir=adapters, admin_token=TOKEN, max_batch=8, max_tokens=32,
                      max_prompt_tokens=48, batch_wait_ms=300)
     with BackgroundServer(app) as server:
