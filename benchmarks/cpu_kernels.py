@@ -22,7 +22,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from peftkit.bench_train import _machine, peak_matmul_flops  # noqa: E402
+from peftkit.bench.machine import machine_info, peak_matmul_flops  # noqa: E402
 from peftkit.dropout import FastDropout  # noqa: E402
 from peftkit.precision import SMALL_ATTENTION  # noqa: E402
 from peftkit.saving import atomic_write  # noqa: E402
@@ -63,7 +63,7 @@ def dropout_ms(layer, dtype) -> float:
 
 
 def main() -> int:
-    results = {"machine": _machine("cpu"), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+    results = {"machine": machine_info("cpu"), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                "matmul_gflops": {}, "attention_ms": [], "dropout_ms": {}}
     for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
         results["matmul_gflops"][name] = round(peak_matmul_flops("cpu", dtype) / 1e9, 1)

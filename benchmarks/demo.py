@@ -16,7 +16,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from peftkit.bench_train import _machine  # noqa: E402
+from peftkit.bench.machine import machine_info  # noqa: E402
 from peftkit.saving import atomic_write  # noqa: E402
 
 RUN = ROOT / "runs" / "sentiment-lora"
@@ -31,7 +31,7 @@ def main() -> int:
         return done.returncode
     summary = done.stdout[re.search(r"^run {4,}", done.stdout, re.M).start():].strip()  # the run's summary
     timing = [line.strip() for line in done.stderr.splitlines() if line.strip().startswith(TIMING)]
-    machine = _machine("cpu")
+    machine = machine_info("cpu")
     out = ROOT / "benchmarks" / "results" / "demo-cpu"
     atomic_write(out.with_suffix(".json"), (RUN / "metrics.json").read_text())
     atomic_write(out.with_suffix(".md"), "\n".join([

@@ -18,7 +18,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from peftkit.bench_train import _machine  # noqa: E402
+from peftkit.bench.machine import machine_info  # noqa: E402
 from peftkit.saving import atomic_write  # noqa: E402
 
 OUT = ROOT / "benchmarks" / "results" / "recipes-current-cpu"
@@ -39,7 +39,7 @@ def main(names: list[str]) -> int:
             metrics["whole_run_peak_rss_mb"] = round(_kbytes(done.stderr, "Maximum resident set size") / 1024, 1)
             runs[name] = metrics
             print(name, json.dumps({k: metrics[k] for k in ("base", "adapted", "train_seconds")}), flush=True)
-    machine = _machine("cpu")
+    machine = machine_info("cpu")
     atomic_write(OUT.with_suffix(".json"), json.dumps({"machine": machine, "runs": runs}, indent=1) + "\n")
     lines = ["# Shipped recipes at their defaults, current code", "",
              f"Machine: **{machine['machine']}**, torch {machine['torch']}, {machine['threads']} threads; "

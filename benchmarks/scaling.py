@@ -16,7 +16,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from peftkit.bench_train import _cuda, _machine, _run_child, _warm_up, load_bench, selected  # noqa: E402
+from peftkit.bench.benchfile import load_bench, selected  # noqa: E402
+from peftkit.bench.machine import default_device, machine_info  # noqa: E402
+from peftkit.bench.train import run_child, warm_up  # noqa: E402
 from peftkit.saving import atomic_write  # noqa: E402
 
 VARIANTS = ["lora", "reference-tuned"]
@@ -34,14 +36,15 @@ def main(argv=None) -> int:
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     args = p.parse_args(argv)
     bench = load_bench(ROOT / "benchmarks" / "scaling.yaml")
-    device = "cuda" if _cuda() else "cpu"
+    device = default_device()
     grid = points([int(x) for x in args.lengths.split(",")], [int(x) for x in args.batches.split(",")])
     variants = selected(bench, VARIANTS, [])
     log_dir = ROOT / "runs" / "bench"
     log_dir.mkdir(parents=True, exist_ok=True)
-    _warm_up(bench, variants[0], [], log_dir / f"scaling-warmup-{device}.log")
-    meta = _machine(device) | {"command": "python benchmarks/scaling.py --lengths " + args.lengths
-                               + " --batches " + args.batches, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+    warm_up(bench, variants[0], [], log_dir / f"scaling-warmup-{device}.log")
+    meta = machine_info(device) | {
+        "command": "python benchmarks/scaling.py --lengths " + args.lengths + " --batches " + args.batches,
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     rows = []
     for length, batch in grid:
         # the padding collator pads each batch to its longest row: truncating BBC articles to `length`
@@ -49,7 +52,7 @@ def main(argv=None) -> int:
         extra = [f"train.max_length={length}", f"train.batch_size={batch}"]
         for variant in variants:
             log = log_dir / f"scaling-{variant.name}-L{length}-B{batch}-{device}.log"
-            row = _run_child(bench, variant, extra, log)
+            row = run_child(bench, variant, extra, log)
             rows.append({k: row[k] for k in ("variant", "precision", "samples_per_s", "tokens_per_s", "peak_mb",
                                               "baseline_mb", "timed_steps")} | {"length": length, "batch": batch})
             print(f"L={length:<4} B={batch:<3} {variant.name:<16} {row['samples_per_s']:8.2f} samples/s  "

@@ -36,7 +36,7 @@ import torch
 
 import peftkit
 from peftkit.bank import AdapterBank
-from peftkit.bench_train import _machine
+from peftkit.bench.machine import machine_info
 from peftkit.serve import BackgroundServer, create_app
 
 PROMPTS = ["The weather today is", "Once upon a time", "My favourite food is", "In the year 2000,",
@@ -60,7 +60,7 @@ def main():
                 BackgroundServer(create_app(cls)) as cls_server:
             results = run_load(lm_server.url, cls_server.url, args.seconds)
             results |= heavy_and_small(lm_server.url, args.small_requests)
-    machine = _machine("cpu")
+    machine = machine_info("cpu")
     results["machine"] = f"{machine['machine']}, torch {machine['torch']}, {machine['threads']} threads"
     write_report(args, results)
 

@@ -30,7 +30,7 @@ def fingerprint(model, heads=()) -> dict:
               if _is_weight_layer(module) and not _in_heads(name, heads)]
     rows = model.get_input_embeddings().weight[:64].detach().to(torch.float64).flatten()
     weights = torch.sin(torch.arange(rows.numel(), dtype=torch.float64, device=rows.device))
-    # a model built on the meta device (peftkit.bench) has shapes but no values to read
+    # a model built on the meta device (peftkit.bench.params) has shapes but no values to read
     return {
         "architecture": model.config.model_type,
         "shapes": hashlib.sha256("\n".join(shapes).encode()).hexdigest()[:16],

@@ -354,9 +354,7 @@ def _record(name: str, settings: dict, run_dir: Path, metric: str) -> dict:
 
 def _finish(plan: Plan, records: list[dict]) -> Path:
     """The best trial by validation (the first of equals) tested once; sweep.json and sweep.md."""
-    import torch
-
-    from .bench_train import _machine
+    from .bench.machine import default_device, machine_info
     from .runs import open_run
 
     best = max(records, key=lambda r: r["score"])
@@ -372,7 +370,7 @@ def _finish(plan: Plan, records: list[dict]) -> Path:
         "fixed": plan.fixed, "swept": {a.key: a.text for a in plan.swept}, "metric": plan.metric,
         "best": best["trial"], "best_settings": best["settings"], "validation": best["score"],
         "test": test, "test_examples": best["test_examples"], "seed": plan.seed,
-        "machine": _machine("cuda" if torch.cuda.is_available() else "cpu"),
+        "machine": machine_info(default_device()),
         "trials": records,
     }
     atomic_write(saved, json.dumps(result, indent=2) + "\n")

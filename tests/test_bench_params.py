@@ -15,8 +15,8 @@ from safetensors.torch import save, save_file
 from transformers import AutoConfig, AutoModel
 
 import peftkit
-from peftkit.bench import (add_bench_parser, load_config, main, meta_model, param_table, run_bench,
-                           safetensors_size, shipped_configs)
+from peftkit.bench import add_bench_parser, main, run_bench
+from peftkit.bench.params import load_config, meta_model, param_table, safetensors_size, shipped_configs
 from peftkit.loading import model_class
 from peftkit.errors import PeftkitError
 

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 import peftkit
-from peftkit.bench_train import load_bench, recipe_for, run
+from peftkit.bench.benchfile import load_bench, recipe_for
+from peftkit.bench.train import run
 from peftkit.errors import PeftkitError
 from peftkit.meter import Meter
 from conftest import BERT, make_tiny, tiny_inputs
@@ -138,9 +139,9 @@ def test_every_variant_of_a_shipped_table_runs_and_is_measured(tmp_path, path):
 
 
 def test_a_failing_variant_keeps_the_others_results_and_is_named(tmp_path, monkeypatch):
-    import peftkit.bench_train as bench_train
+    from peftkit.bench import train
 
-    real = bench_train._run_child
+    real = train.run_child
 
     def child(bench, variant, extra, log):
         if variant.name == "houlsby":
@@ -148,7 +149,7 @@ def test_a_failing_variant_keeps_the_others_results_and_is_named(tmp_path, monke
             raise PeftkitError(f"variant {variant.name} failed (exit 1); log {log}")
         return real(bench, variant, extra, log)
 
-    monkeypatch.setattr(bench_train, "_run_child", child)
+    monkeypatch.setattr(train, "run_child", child)
     bench = load_bench(ROOT / "benchmarks" / "train-sentiment.yaml")
     with pytest.raises(PeftkitError, match=r"1 of 3 variants failed: houlsby \(log .*houlsby"):
         run(bench, extra=SMOKE["sentiment"], only=["lora", "houlsby", "pfeiffer"], out_dir=tmp_path,

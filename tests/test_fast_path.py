@@ -12,7 +12,7 @@ from torch import nn
 
 import peftkit
 from peftkit import precision
-from peftkit.bench_seeds import paired, parse_seeds
+from peftkit.bench.seeds import paired, parse_seeds
 from peftkit.dropout import FastDropout, keep_mask, swap_in_fast_dropout
 from peftkit.errors import PeftkitError
 from peftkit.recipe import load_recipe
@@ -267,11 +267,12 @@ def test_the_paired_interval_is_a_t_interval_over_seed_differences():
 def test_a_seeds_run_reports_mfu_against_the_best_peak_of_each_rows_compute_dtype(tmp_path, monkeypatch):
     import json
 
-    import peftkit.bench_train as bench_train
-    from peftkit.bench_seeds import run_seeds
+    from peftkit.bench import machine, train
+    from peftkit.bench.benchfile import load_bench, selected
+    from peftkit.bench.seeds import run_seeds
 
     readings = iter([{"fp32": 100e9, "bf16": 400e9}, {"fp32": 90e9, "bf16": 500e9}])  # before, after
-    monkeypatch.setattr(bench_train, "matmul_peaks", lambda device: next(readings))
+    monkeypatch.setattr(machine, "matmul_peaks", lambda device: next(readings))
 
     def child(bench, variant, extra, log):  # no training: the rows a child would report
         seed = int(extra[-1].split("=")[1])
@@ -279,9 +280,9 @@ def test_a_seeds_run_reports_mfu_against_the_best_peak_of_each_rows_compute_dtyp
         return {"variant": variant.name, "precision": precision, "model_flops_per_s": 50e9 * seed,
                 "samples_per_s": 10.0, "peak_mb": 1000.0, "score": 0.8, "metric": "accuracy"}
 
-    monkeypatch.setattr(bench_train, "_run_child", child)
-    bench = bench_train.load_bench(Path(__file__).resolve().parent.parent / "benchmarks" / "train-sentiment.yaml")
-    variants = bench_train.selected(bench, ["lora", "reference"], [])
+    monkeypatch.setattr(train, "run_child", child)
+    bench = load_bench(Path(__file__).resolve().parent.parent / "benchmarks" / "train-sentiment.yaml")
+    variants = selected(bench, ["lora", "reference"], [])
     run_seeds(bench, [1, 2], [], variants, tmp_path, tmp_path / "logs", against="reference")
     saved = json.loads((tmp_path / "train-sentiment-cpu-seeds.json").read_text())
     mfu = {(r["variant"], r["seed"]): r["mfu"] for r in saved["rows"]}

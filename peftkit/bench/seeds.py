@@ -11,12 +11,18 @@ range. Ratios taken seed by seed are what a noisy, shared machine can measure we
 one long run of each is not. Raw rows go to `train-NAME-DEVICE-seeds.json`, the
 table to `.md` beside it, both rewritten after every run.
 """
+import argparse
+import json
 import math
 import statistics
+import sys
 import time
 from pathlib import Path
 
-from .errors import PeftkitError
+from ..errors import PeftkitError
+from . import machine, train  # called through the modules, so that a test's stand-ins there are used
+from .benchfile import shown_path
+from .train_report import with_mfu
 
 # two-sided 95% quantiles of Student's t for 1..30 degrees of freedom; beyond, the normal's
 T95 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
@@ -41,29 +47,28 @@ def run_seeds(bench, seeds: list[int], extra: list[str], variants, out_dir: Path
               against: str | None = None) -> list[dict]:
     from tqdm.auto import tqdm
 
-    from .bench_train import _machine, _run_child, _shown, _warm_up, _cuda, matmul_peaks, with_mfu
-
     names = [v.name for v in variants]
     against = against or ("reference-tuned" if "reference-tuned" in names else names[-1])
     if against not in names:
         raise PeftkitError(f"--against {against}: not among the variants run ({', '.join(names)})")
-    device = "cuda" if _cuda() else "cpu"
+    device = machine.default_device()
     stem = out_dir / f"train-{bench.name}-{device}-seeds"
-    meta = _machine(device) | {"bench": _shown(bench.path), "variants": names, "seeds": seeds, "against": against,
-                               "extra": list(extra), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+    meta = machine.machine_info(device) | {
+        "bench": shown_path(bench.path), "variants": names, "seeds": seeds, "against": against,
+        "extra": list(extra), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     log_dir.mkdir(parents=True, exist_ok=True)
-    peaks = [matmul_peaks(device)]
-    _warm_up(bench, variants[0], extra, log_dir / f"{bench.name}-warmup-{device}.log")
+    peaks = [machine.matmul_peaks(device)]
+    train.warm_up(bench, variants[0], extra, log_dir / f"{bench.name}-warmup-{device}.log")
     rows = []
     with tqdm(total=len(seeds) * len(variants), desc=f"bench {bench.name} seeds", unit="run") as bar:
         for seed in seeds:
             for variant in variants:
                 log = log_dir / f"{bench.name}-{variant.name}-seed{seed}-{device}.log"
-                row = _run_child(bench, variant, [*extra, f"train.seed={seed}"], log)
+                row = train.run_child(bench, variant, [*extra, f"train.seed={seed}"], log)
                 rows.append(row | {"seed": seed})
                 write_seeds(stem, *with_mfu(meta, rows, peaks))
                 bar.update()
-    peaks.append(matmul_peaks(device))
+    peaks.append(machine.matmul_peaks(device))
     meta, rows = with_mfu(meta, rows, peaks)
     write_seeds(stem, meta, rows)
     print(paired_table(rows, meta))
@@ -72,9 +77,7 @@ def run_seeds(bench, seeds: list[int], extra: list[str], variants, out_dir: Path
 
 
 def write_seeds(stem: Path, meta: dict, rows: list[dict]) -> None:
-    import json
-
-    from .saving import atomic_write
+    from ..saving import atomic_write
 
     slim = [{k: v for k, v in row.items() if k != "losses"} for row in rows]
     rows_text = ",\n".join("  " + json.dumps(row) for row in slim)
@@ -166,12 +169,9 @@ def _median_range(values: list[float]) -> str:
 
 
 def main(argv=None) -> int:
-    """`python -m peftkit.bench_seeds RESULTS.json [--against VARIANT]`: the paired table of a finished
+    """`python -m peftkit.bench.seeds RESULTS.json [--against VARIANT]`: the paired table of a finished
     (or interrupted) seeds run again, against another variant if asked; nothing is retrained."""
-    import argparse
-    import json
-
-    p = argparse.ArgumentParser(prog="python -m peftkit.bench_seeds", description=main.__doc__)
+    p = argparse.ArgumentParser(prog="python -m peftkit.bench.seeds", description=main.__doc__)
     p.add_argument("results", type=Path, help="a train-NAME-DEVICE-seeds.json file")
     p.add_argument("--against", help="the variant the others are paired with (default: the run's own)")
     args = p.parse_args(argv)
@@ -187,6 +187,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    import sys
-
     sys.exit(main())

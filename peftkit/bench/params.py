@@ -23,24 +23,18 @@ benchmarks/configs/ (bert-base-uncased, roberta-large, gpt2, llama-2-7b,
 llama-3-8b, mistral-7b, llama-2-70b).
 
 Heavy imports (torch, transformers, peft) happen inside the functions, so that
-`peftkit --help` stays quick.
+`peftkit --help` stays quick. The formats (table, csv, json, markdown) are in
+params_report.py; the command line in __init__.py.
 """
-import argparse
 import copy
-import csv
-import io
 import json
-import shlex
-import sys
 import time
-import warnings
 from pathlib import Path
 
-from .errors import PeftkitError
-from .shipped import shipped
+from ..errors import PeftkitError
+from ..shipped import shipped
 
 CONFIGS_DIR = shipped("benchmarks") / "configs"
-FORMATS = ("table", "csv", "json", "markdown")
 # Published parameter counts of the shipped configs (base model, as counted by
 # its model card / paper), shown next to ours in the markdown report.
 PUBLISHED = {
@@ -52,15 +46,11 @@ PUBLISHED = {
     "mistral-7b": ("Mistral-7B-v0.1", "7.24B"),
     "llama-2-70b": ("Llama-2-70B", "69B (68.98B)"),
 }
-COLUMNS = ("model", "model_type", "model_class", "task", "base_params", "method", "setting", "trainable",
-           "total", "ratio", "fp32_bytes", "bf16_bytes", "tensors", "seconds")
 # safetensors orders a file's tensors by dtype (this order) and then by name; that
 # order fixes the offsets written into the header, and so the header's length.
 _ST_DTYPE_ORDER = ("U64", "I64", "F64", "F32", "U32", "I32", "BF16", "F16", "U16", "I16",
                    "F8_E4M3", "F8_E5M2", "I8", "U8", "BOOL")
 
-
-# ---------------------------------------------------------------------------- public API
 
 def param_table(model_spec, methods=None, task: str | None = None) -> list[dict]:
     """One row per method: trainable, total and ratio as param_report gives them after
@@ -72,8 +62,9 @@ def param_table(model_spec, methods=None, task: str | None = None) -> list[dict]
     classification, qa, base or a transformers class name; default causal-lm for
     decoders, classification for encoders.
     """
-    from .methods import METHODS
-    from .presets import resolve_spec
+    from ..loading import model_class  # imports transformers: not before a command needs it
+    from ..methods import METHODS
+    from ..presets import resolve_spec
 
     methods = [methods] if isinstance(methods, str) else list(METHODS if methods is None else methods)
     if not methods:
@@ -81,7 +72,7 @@ def param_table(model_spec, methods=None, task: str | None = None) -> list[dict]
     specs = [(label, resolve_spec(label)) for label in methods]  # unknown names fail before any model is built
     config, display = load_config(model_spec)
     task = task or default_task(config)
-    model_cls = _model_class(task)
+    model_cls = model_class(task)
 
     rows = []
     for label, spec in specs:
@@ -117,7 +108,7 @@ def load_config(model_spec) -> tuple:
     """(transformers config, display name) for a JSON file, folder, embedded or shipped name."""
     from transformers import AutoConfig
 
-    from .embedded import EMBEDDED_MODELS, resolve_model
+    from ..embedded import EMBEDDED_MODELS, resolve_model
 
     spec = str(model_spec)
     path = Path(spec).expanduser()
@@ -179,7 +170,7 @@ def meta_model(config, model_cls):
 
 def saved_tensors(model, name: str | None = None) -> dict[str, tuple]:
     """{key: (shape, safetensors dtype)} of what save_adapter writes for adapter `name`."""
-    from .saving import saved_state
+    from ..saving import saved_state
 
     return {key: (tuple(t.shape), _st_dtype(t.dtype)) for key, t in saved_state(model, name).items()}
 
@@ -208,76 +199,16 @@ def safetensors_size(tensors: dict[str, tuple], float_dtype: str | None = None,
     return 8 + text + (-text % 8) + offset
 
 
-# ---------------------------------------------------------------------------- CLI
+def checkpoint_params(model_spec) -> tuple[str, int]:
+    """(class, parameters) of the architecture a published checkpoint holds: AutoModelForCausalLM
+    for decoders, AutoModel (encoder + pooler) otherwise."""
+    from transformers import AutoModel
 
-def add_bench_parser(subparsers) -> argparse.ArgumentParser:
-    """Add `bench params ...` and `bench train ...` to the peftkit command's subparsers."""
-    from . import bench_train
+    from ..loading import model_class
 
-    bench = subparsers.add_parser("bench", help="benchmarks: parameter counts per method; training side by side")
-    kinds = bench.add_subparsers(dest="bench_command", required=True)
-    p = kinds.add_parser(
-        "params", help="trainable/total parameters and adapter file size per method, from a config alone",
-        description="Per method: trainable parameters, total parameters, trainable ratio and the adapter's "
-                    "safetensors file size in fp32 and bf16. The model is built on the meta device, so any "
-                    "size costs no memory.")
-    p.add_argument("--model", action="append", default=[], metavar="NAME_OR_CONFIG",
-                   help="a JSON config file, a folder with config.json, an embedded model (minilm-l6, "
-                        "smollm2-135m) or a shipped config (benchmarks/configs/*.json); repeatable")
-    p.add_argument("--shipped", action="store_true", help="every config in benchmarks/configs/")
-    p.add_argument("--method", action="append", default=None, metavar="METHOD|PRESET|YAML",
-                   help="repeatable; default: every method")
-    p.add_argument("--task", default=None,
-                   help="causal-lm, classification, qa, base or a transformers class name "
-                        "(default: causal-lm for decoders, classification for encoders)")
-    p.add_argument("--format", default="table", choices=FORMATS)
-    bench_train.add_parser(kinds)
-    return bench
-
-
-def run_bench(args) -> int:
-    if args.bench_command == "train":
-        from . import bench_train
-        return bench_train.run_command(args)
-    models = list(args.model) + (shipped_configs() if args.shipped else [])
-    if not models:
-        raise PeftkitError("give --model NAME_OR_CONFIG (repeatable) or --shipped; shipped configs: "
-                           + ", ".join(shipped_configs()))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # deprecation chatter from transformers/peft about meta models
-        tables = [param_table(m, args.method, args.task) for m in models]
-    print(format_rows(tables, args.format, _command_line(args)), end="")
-    return 0
-
-
-def format_rows(tables: list[list[dict]], fmt: str, command: str = "") -> str:
-    """Render one param_table() result per model as table, csv, json or markdown."""
-    rows = [row for table in tables for row in table]
-    if fmt == "json":
-        return json.dumps(rows, indent=2) + "\n"
-    if fmt == "csv":
-        out = io.StringIO()
-        writer = csv.DictWriter(out, fieldnames=COLUMNS, lineterminator="\n")
-        writer.writeheader()
-        writer.writerows(rows)
-        return out.getvalue()
-    if fmt == "markdown":
-        return _markdown(tables, command)
-    if fmt != "table":
-        raise PeftkitError(f"unknown format {fmt!r}; formats: {', '.join(FORMATS)}")
-    return "\n".join(_heading(t[0]) + "\n" + _aligned(_cells(t)) + "\n" for t in tables if t)
-
-
-def main(argv=None) -> int:
-    """`python -m peftkit.bench params ...`, the same command before it is wired into `peftkit`."""
-    parser = argparse.ArgumentParser(prog="peftkit")  # usage then reads as the wired command
-    add_bench_parser(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["bench", *(sys.argv[1:] if argv is None else argv)])
-    try:
-        return run_bench(args)
-    except PeftkitError as err:
-        print(f"peftkit: error: {err}", file=sys.stderr)
-        return 2
+    config, _ = load_config(model_spec)
+    model = meta_model(config, model_class("causal-lm") if default_task(config) == "causal-lm" else AutoModel)
+    return type(model).__name__, _count(model)[1]
 
 
 # ---------------------------------------------------------------------------- internals
@@ -325,7 +256,7 @@ def _checked(load, what: str):
 def _attach_meta(model, spec, label, display):
     import torch
 
-    from .attach import attach
+    from ..attach import attach
 
     try:
         with torch.device("meta"):  # adapters are born on the meta device too: no memory even for 70B
@@ -336,116 +267,7 @@ def _attach_meta(model, spec, label, display):
 
 
 def _count(model) -> tuple[int, int]:
-    from .report import param_report
+    from ..report import param_report
 
     report = param_report(model)
     return report["trainable"], report["total"]
-
-
-def _heading(row: dict) -> str:
-    published = PUBLISHED.get(row["model"])
-    note = f" (published checkpoint: {published[1]})" if published else ""
-    return (f"{row['model']}: {row['model_class']} ({row['model_type']}, task {row['task']}), "
-            f"{row['base_params']:,} parameters{note}")
-
-
-def _cells(table: list[dict]) -> list[list[str]]:
-    lines = [["method", "setting", "trainable", "total", "trainable %", "fp32 file", "bf16 file"]]
-    for r in table:
-        lines.append([r["method"], r["setting"], f"{r['trainable']:,}", f"{r['total']:,}",
-                      f"{100 * r['ratio']:.4f}%", human_size(r["fp32_bytes"]), human_size(r["bf16_bytes"])])
-    return lines
-
-
-def _aligned(cells: list[list[str]]) -> str:
-    widths = [max(len(row[i]) for row in cells) for i in range(len(cells[0]))]
-    left = {0, 1}  # text columns; numbers align right
-    return "\n".join("  ".join(c.ljust(w) if i in left else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
-                     .rstrip() for row in cells)
-
-
-def _markdown(tables: list[list[dict]], command: str) -> str:
-    tables = [t for t in tables if t]
-    module = command.replace("peftkit bench ", ".venv/bin/python -m peftkit.bench ", 1)
-    out = ["# Trainable parameters and adapter sizes per method", "",
-           "Generated by `peftkit bench params` (peftkit/bench.py); regenerate with", "",
-           "```bash", f"{command} > benchmarks/results/params.md",
-           f"# or, equivalently: {module} > benchmarks/results/params.md", "```", "",
-           "Every model is built from its config (benchmarks/configs/) on the meta device; each method is "
-           "attached with `peftkit.attach` using the shipped preset of that name (adapters/*.yaml: LoRA r=8 on "
-           "the default targets, bottleneck adapters with reduction factor 16, prefix tuning with 20 virtual "
-           "tokens and the reparameterization MLP) and counted with `peftkit.param_report`. *total* includes "
-           "the adapter. File sizes are the exact size of `adapter_model.safetensors` (header included) with "
-           "the adapter stored in fp32 or bf16. Encoders are counted for sequence classification (2 labels): "
-           "their classifier head trains and is saved with the adapter; decoders as causal LMs (the LM head "
-           "stays frozen).", "",
-           "Base parameters per model: *checkpoint* counts the published architecture (the bare encoder with "
-           "its pooler for BERT/RoBERTa, the causal LM for decoders), *counted as* the model the table below "
-           "attaches to.", "",
-           "| model | checkpoint class | checkpoint parameters | published | counted as | parameters |",
-           "| --- | --- | ---: | ---: | --- | ---: |"]
-    for table in tables:
-        row = table[0]
-        published = PUBLISHED.get(row["model"], ("", ""))[1]
-        name, count = _checkpoint_params(row["model"])
-        out.append(f"| {_md_title(row)} | `{name}` | {count:,} | {published} | `{row['model_class']}` "
-                   f"| {row['base_params']:,} |")
-    out.append("")
-    for table in tables:
-        out += [f"## {_md_title(table[0])}", "", _md_summary(table[0]), ""]
-        cells = _cells(table)
-        out.append("| " + " | ".join(cells[0]) + " |")
-        out.append("|" + "|".join([" --- ", " --- "] + [" ---: "] * (len(cells[0]) - 2)) + "|")
-        out += ["| " + " | ".join(row) + " |" for row in cells[1:]]
-        out.append("")
-    return "\n".join(out)
-
-
-def _checkpoint_params(model_spec) -> tuple[str, int]:
-    """(class, parameters) of the architecture a published checkpoint holds: AutoModelForCausalLM
-    for decoders, AutoModel (encoder + pooler) otherwise."""
-    from transformers import AutoModel
-
-    config, _ = load_config(model_spec)
-    model = meta_model(config, _model_class("causal-lm") if default_task(config) == "causal-lm" else AutoModel)
-    return type(model).__name__, _count(model)[1]
-
-
-def _md_title(row: dict) -> str:
-    published = PUBLISHED.get(row["model"])
-    return f"{published[0]} (`{row['model']}`)" if published else f"`{row['model']}`"
-
-
-def _md_summary(row: dict) -> str:
-    published = PUBLISHED.get(row["model"])
-    note = f" (published checkpoint: {published[1]})" if published else ""
-    return (f"`{row['model_class']}` (model_type `{row['model_type']}`, task `{row['task']}`): "
-            f"**{row['base_params']:,}** parameters{note}.")
-
-
-def human_size(n: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n} {unit}" if unit == "B" else f"{n:,.1f} {unit}"
-        n /= 1024
-    return str(n)
-
-
-def _command_line(args) -> str:
-    parts = ["peftkit", "bench", "params"]
-    parts += [x for m in args.model for x in ("--model", m)]
-    parts += ["--shipped"] if args.shipped else []
-    parts += [x for m in (args.method or []) for x in ("--method", m)]
-    parts += ["--task", args.task] if args.task else []
-    parts += ["--format", args.format]
-    return shlex.join(parts)
-
-
-if __name__ == "__main__":
-    sys.exit(main())
-
-
-def _model_class(task: str):
-    from .loading import model_class  # imports transformers: not before a command needs it
-
-    return model_class(task)

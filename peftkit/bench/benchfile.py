@@ -1,0 +1,126 @@
+"""A benchmark file of `peftkit bench train`: a recipe, overrides every variant shares, the variants.
+
+    bench = load_bench("benchmarks/train-sentiment.yaml")
+    for variant in selected(bench, ["lora", "reference"], ["train.max_steps=4"]):
+        recipe = recipe_for(bench, variant, ["train.max_steps=4"])
+
+A variant is a method preset (optionally on a 4-bit/8-bit base), `full` (every weight trains),
+`reference` or `reference-tuned` (peft's LoRA through the plain Trainer script the file names,
+benchmarks/reference/), plus dotted recipe keys of its own.
+"""
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..errors import PeftkitError
+from ..presets import read_yaml, resolve_spec
+from ..shipped import CHECKOUT, shipped_root
+
+ROOT = shipped_root()  # benchmark files name paths under it (recipes/..., benchmarks/reference/...)
+# the repository's results folder in a checkout; from an installed wheel, one under the current folder
+RESULTS_DIR = ROOT / "benchmarks" / "results" if ROOT == CHECKOUT else Path("benchmarks") / "results"
+REFERENCES = ("reference", "reference-tuned")  # peft + a plain Trainer script: as is, and tuned
+SPECIAL = ("full", *REFERENCES)
+
+
+@dataclass
+class Variant:
+    name: str
+    method: str  # a preset name or path, "full", "reference" or "reference-tuned"
+    quantize: str | None = None
+    overrides: dict = field(default_factory=dict)  # dotted recipe keys, this variant only
+
+
+@dataclass
+class Bench:
+    name: str
+    path: Path
+    recipe: str
+    reference: Path
+    overrides: dict
+    variants: list[Variant]
+
+
+def load_bench(path) -> Bench:
+    path = Path(path)
+    if not path.is_file():
+        raise PeftkitError(f"benchmark file {path} does not exist; shipped: "
+                           + ", ".join(str(p) for p in sorted(path.parent.glob("train-*.yaml"))))
+    data = read_yaml(path)
+    allowed = {"name", "recipe", "reference", "overrides", "variants"}
+    unknown = sorted(set(data) - allowed)
+    if unknown:
+        raise PeftkitError(f"{path}: unknown key {unknown[0]}; allowed: {', '.join(sorted(allowed))}")
+    for key in ("name", "recipe", "variants"):
+        if key not in data:
+            raise PeftkitError(f"{path}: missing key {key}")
+    if not isinstance(data["variants"], dict) or not data["variants"]:
+        raise PeftkitError(f"{path}: variants must be a mapping of name -> settings")
+    variants = [_variant(name, settings or {}, path) for name, settings in data["variants"].items()]
+    reference = data.get("reference")
+    if any(v.method in REFERENCES for v in variants) and not reference:
+        raise PeftkitError(f"{path}: a reference variant needs `reference: path/to/script.py`")
+    reference = Path(repo_path(str(reference))) if reference else None
+    if reference is not None and not reference.is_file():
+        raise PeftkitError(f"{path}: reference script {reference} does not exist")
+    return Bench(str(data["name"]), path, str(data["recipe"]), reference, dict(data.get("overrides") or {}),
+                 variants)
+
+
+def recipe_for(bench: Bench, variant: Variant, extra: list[str] = ()):
+    """The recipe a variant trains: the bench's recipe with the shared overrides, the variant's
+    method/quantize and own overrides, then the command line's."""
+    from ..recipe import load_recipe
+
+    # Timed training only: no validation passes inside the timed loop, no tracker files.
+    items = ["train.eval_steps=0", "train.report_to=[]"]
+    items += [f"{k}={json.dumps(v)}" for k, v in bench.overrides.items()]
+    if variant.method not in SPECIAL:
+        items.append(f"method={variant.method}")
+    if variant.quantize:
+        items.append(f"quantize={variant.quantize}")
+    items += [f"{k}={json.dumps(v)}" for k, v in variant.overrides.items()]
+    recipe = load_recipe(repo_path(bench.recipe), items + list(extra))
+    recipe.name = f"bench-{bench.name}-{variant.name}"
+    return recipe
+
+
+def selected(bench: Bench, only: list[str] | None, extra: list[str]) -> list[Variant]:
+    """The variants `--only` names (all without it), each recipe loaded once to fail before any training."""
+    variants = bench.variants
+    if only:
+        names = [v.name for v in variants]
+        missing = [n for n in only if n not in names]
+        if missing:
+            raise PeftkitError(f"--only: no variant {missing[0]!r} in {bench.path}; variants: {', '.join(names)}")
+        variants = [v for v in variants if v.name in only]
+    for variant in variants:
+        recipe_for(bench, variant, extra)
+    return variants
+
+
+def shown_path(path: Path) -> str:
+    """A path as a reader of the results should type it: relative to the repository when inside it."""
+    try:
+        return str(Path(path).resolve().relative_to(ROOT))
+    except ValueError:
+        return str(path)
+
+
+def repo_path(name: str) -> str:
+    """A path a benchmark file names, under the repository (or the installed share folder) when there."""
+    path = Path(name)
+    return str(ROOT / path) if not path.is_absolute() and (ROOT / path).is_file() else name
+
+
+def _variant(name: str, settings: dict, path: Path) -> Variant:
+    if not isinstance(settings, dict):
+        raise PeftkitError(f"{path}: variant {name} must map settings (method, quantize, dotted recipe keys)")
+    settings = dict(settings)
+    method = str(settings.pop("method", name))
+    quantize = settings.pop("quantize", None)
+    if method not in SPECIAL:
+        resolve_spec(method)  # an unknown preset fails here, before anything trains
+    elif quantize is not None:
+        raise PeftkitError(f"{path}: variant {name}: {method} runs on the unquantized base; drop quantize")
+    return Variant(name, method, quantize, settings)
