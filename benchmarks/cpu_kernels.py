@@ -62,8 +62,10 @@ def dropout_ms(layer, dtype) -> float:
     return best_ms(lambda: layer(x).float().sum().backward(), repeats=15)
 
 
-def main() -> int:
-    results = {"machine": machine_info("cpu"), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+def main(argv=None) -> int:
+    out_dir = Path(_arguments(argv).out)
+    results = {"command": " ".join(["python benchmarks/cpu_kernels.py", *(sys.argv[1:] if argv is None else argv)]),
+               "machine": machine_info("cpu"), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                "matmul_gflops": {}, "attention_ms": [], "dropout_ms": {}}
     for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
         results["matmul_gflops"][name] = round(peak_matmul_flops("cpu", dtype) / 1e9, 1)
@@ -77,7 +79,8 @@ def main() -> int:
     for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
         results["dropout_ms"][name] = {"torch": round(dropout_ms(torch.nn.Dropout(0.1).train(), dtype), 2),
                                        "peftkit": round(dropout_ms(FastDropout(0.1).train(), dtype), 2)}
-    out = ROOT / "benchmarks" / "results" / "cpu-kernels-cpu"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    out = out_dir / "cpu-kernels-cpu"
     atomic_write(out.with_suffix(".json"), json.dumps(results, indent=1) + "\n")
     atomic_write(out.with_suffix(".md"), markdown(results))
     print(markdown(results))
@@ -88,7 +91,7 @@ def markdown(r: dict) -> str:
     m = r["machine"]
     lines = ["# CPU kernels behind the fast path", "",
              f"Machine: **{m['machine']}**, torch {m['torch']}, {m['threads']} threads; {r['date']}.", "",
-             "Regenerate: `python benchmarks/cpu_kernels.py` (best of several repetitions each).", "",
+             f"Regenerate: `{r['command']}` (best of several repetitions each).", "",
              f"Matmul 2048x2048: fp32 **{r['matmul_gflops']['fp32']} GFLOP/s**, "
              f"bf16 **{r['matmul_gflops']['bf16']} GFLOP/s**.", "",
              "Attention forward + backward (ms): PyTorch's fused kernel, its math path, and plain matmuls "
@@ -105,6 +108,14 @@ def markdown(r: dict) -> str:
     for name, d in r["dropout_ms"].items():
         lines.append(f"| {name} | {d['torch']} | {d['peftkit']} |")
     return "\n".join(lines) + "\n"
+
+
+def _arguments(argv):
+    import argparse
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"),
+                   help="folder for cpu-kernels-cpu.md and .json (default benchmarks/results)")
+    return p.parse_args(argv)
 
 
 if __name__ == "__main__":
