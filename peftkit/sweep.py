@@ -12,6 +12,9 @@ trains. Trials are run folders runs/<sweep>/trial-NNN/ trained without a test; t
 validation is tested once, and runs/<sweep>/sweep.json and sweep.md hold the table. --resume
 keeps finished trials, continues an interrupted one from its last checkpoint and, for a search,
 the optuna study stored in runs/<sweep>/optuna.db.
+
+One module over 400 lines on purpose: parsing the axes, planning, running the trials and the
+summary are one command read top to bottom, and no other module uses its parts.
 """
 import contextlib
 import copy

@@ -8,7 +8,6 @@ and a run folder that appears only when complete, written by the main process al
 """
 import json
 import math
-import os
 import shutil
 import time
 from dataclasses import asdict, dataclass
@@ -16,15 +15,12 @@ from pathlib import Path
 
 import torch
 import yaml
-from peft import PeftModel
-from peft.helpers import disable_input_dtype_casting
 from accelerate import PartialState
-from transformers import EarlyStoppingCallback, Trainer, TrainingArguments, set_seed
+from transformers import EarlyStoppingCallback, TrainingArguments, set_seed
 from transformers.integrations import TensorBoardCallback
 
 from .anatomy import pick_adapter
 from .attach import attach
-from .batching import LengthBucketSampler
 from .datasource import load_splits
 from .dropout import swap_in_fast_dropout
 from .errors import PeftkitError
@@ -35,92 +31,11 @@ from .presets import AdapterSpec, describe_spec, resolve_spec
 from .plots import plot_training
 from .recipe import TASK_METRICS, Recipe, check_trackers
 from .report import param_report
-from .saving import restore_adapter_weights, staged_dir, write_adapter_files
+from .saving import staged_dir, write_adapter_files
 from .tasks import Prepared, task_module
+from .trainer import AdapterTrainer
 
 EVALUATIONS = 4  # validation passes per run when the recipe does not set train.eval_steps
-
-
-class AdapterTrainer(Trainer):
-    """Checkpoints hold the adapter and trained heads (plus optimizer state), never the base.
-    A task may bring its own loss (generation computes logits for the answer tokens only)."""
-
-    def __init__(self, model=None, *args, task_loss=None, bf16_inputs=False, validate=None, **kwargs):
-        # transformers refuses to train a quantized model unless peft (or its own adapter mixin)
-        # attached the adapters; peftkit's bottleneck and prefix adapters are neither, so the
-        # check sees trainable parameters on a quantized base as "no adapters". Vouch for them
-        # while the check runs, then put the flag back.
-        vouch = (getattr(model, "is_quantized", False) and not isinstance(model, PeftModel)
-                 and not getattr(model, "_hf_peft_config_loaded", False)
-                 and any(p.requires_grad for p in model.parameters()))
-        if vouch:
-            model._hf_peft_config_loaded = True
-        try:
-            super().__init__(model, *args, **kwargs)
-        finally:
-            if vouch:
-                model._hf_peft_config_loaded = False
-        self.task_loss = task_loss
-        # A classification or QA model's own loss is a per-batch mean whatever num_items_in_batch says.
-        # Its forward takes **kwargs, so the Trainer would take it for a sum over the counted items: no
-        # division over gradient accumulation, and times the process count under DDP (2x on 2 ranks).
-        self.model_accepts_loss_kwargs = task_loss is not None
-        self.validate = validate  # () -> the task's metrics on the validation split
-        self.validation_seconds = 0.0
-        # Under bf16 autocast peft's LoRA layers cast their bf16 input to the fp32 adapter weights,
-        # and autocast casts it straight back for the matmul: two copies per layer, each way, for
-        # nothing. peft's own switch leaves the input as it comes (a no-op for our own methods).
-        self.bf16_inputs = bf16_inputs
-
-    def training_step(self, model, *args, **kwargs):
-        with disable_input_dtype_casting(model, active=self.bf16_inputs):
-            return super().training_step(model, *args, **kwargs)
-
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        if self.task_loss is None or return_outputs:
-            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        # Normalized over the whole accumulated batch when the Trainer counted its tokens
-        # (as transformers' own causal-LM loss is); a per-batch mean otherwise.
-        self.loss_is_scaled_for_ga = num_items_in_batch is not None
-        loss = self.task_loss(model, inputs, num_items_in_batch)
-        if num_items_in_batch is not None:
-            # the count covers every process's batch and DDP averages gradients over processes:
-            # scaled back, the summed gradient is the per-token mean over the global batch
-            loss = loss * self.accelerator.num_processes
-        return loss
-
-    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval"):
-        """The task's metrics on the validation split, logged (trackers see them) and handed to the
-        callbacks (early stopping); the Trainer picks the best checkpoint by them."""
-        start = time.perf_counter()
-        metrics = {f"{metric_key_prefix}_{k}": v for k, v in self.validate().items()}
-        self.validation_seconds += time.perf_counter() - start
-        self.log(metrics)
-        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
-        return metrics
-
-    def _get_train_sampler(self, train_dataset=None):
-        if self.args.train_sampling_strategy != "group_by_length":
-            return super()._get_train_sampler(train_dataset)
-        dataset = self.train_dataset if train_dataset is None else train_dataset
-        return LengthBucketSampler([len(ids) for ids in dataset["input_ids"]], self.args.train_batch_size,
-                                   seed=self.args.data_seed)
-
-    def _save(self, output_dir=None, state_dict=None):
-        if isinstance(self.model, PeftModel):
-            return super()._save(output_dir, state_dict)
-        os.makedirs(output_dir, exist_ok=True)
-        write_adapter_files(self.model, Path(output_dir))
-
-    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
-        if isinstance(self.model, PeftModel):
-            return super()._load_from_checkpoint(resume_from_checkpoint, model)
-        restore_adapter_weights(self.model, Path(resume_from_checkpoint))
-
-    def _load_best_model(self):
-        # a checkpoint holds the adapter and heads only (see _save); peft's own reload would attach
-        # the adapter anew, over the fast-path changes make_trainer made
-        restore_adapter_weights(self.model, Path(self.state.best_model_checkpoint))
 
 
 @dataclass

@@ -200,7 +200,8 @@ def test_swapping_in_fast_dropout_changes_no_evaluation_output():
 def _trained_lora_weights(overrides, plain: bool = False) -> dict:
     """Train TINY steps through make_trainer, or (`plain`) through AdapterTrainer built as it was
     before the fast path existed; the LoRA weights after."""
-    from peftkit.train import AdapterTrainer, _arguments, make_trainer, set_up
+    from peftkit.train import _arguments, make_trainer, set_up
+    from peftkit.trainer import AdapterTrainer
 
     recipe = load_recipe("sentiment-lora", TINY + overrides)
     setup = set_up(recipe)

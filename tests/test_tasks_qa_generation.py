@@ -202,7 +202,7 @@ def test_generation_labels_cover_only_the_answer(chat_tokenizer):
     splits = _splits({"article": articles, "headline": headlines})
     prepared = generation.prepare(_recipe("generation", max_length=96), splits, chat_tokenizer)
     eos = chat_tokenizer.eos_token
-    for row, article, headline in zip(prepared["train"], articles, headlines):
+    for row, article, headline in zip(prepared.train, articles, headlines):
         ids, labels = row["input_ids"], row["labels"]
         assert len(ids) == len(labels) == len(row["attention_mask"]) <= 96
         first = next(i for i, label in enumerate(labels) if label != -100)
@@ -212,10 +212,10 @@ def test_generation_labels_cover_only_the_answer(chat_tokenizer):
         prompt = chat_tokenizer.decode(ids[:first])
         assert prompt.startswith("<|im_start|>") and prompt.endswith("<|im_start|>assistant\n")
         assert f"{HEADLINE}\n\n{article[:20]}" in prompt
-    assert len(prepared["train"][1]["input_ids"]) == 96  # the long article was cut, its headline kept whole
+    assert len(prepared.train[1]["input_ids"]) == 96  # the long article was cut, its headline kept whole
 
-    batch = prepared["collator"]([prepared["train"][0], prepared["train"][1]])
-    short = len(prepared["train"][0]["input_ids"])
+    batch = prepared.collator([prepared.train[0], prepared.train[1]])
+    short = len(prepared.train[0]["input_ids"])
     assert batch["input_ids"].shape == (2, 96)
     assert (batch["labels"][0, short:] == -100).all() and (batch["attention_mask"][0, short:] == 0).all()
     assert (batch["input_ids"][0, short:] == chat_tokenizer.pad_token_id).all()  # right padding
@@ -226,7 +226,7 @@ def test_generation_classlabel_target_becomes_its_name(chat_tokenizer):
     splits = _splits({"text": ["Shares rose.", "Chelsea won."], "label": [0, 1]}, features)
     recipe = _recipe("generation", max_length=96)
     recipe.data.prompt, recipe.data.target = "text", "label"
-    train = generation.prepare(recipe, splits, chat_tokenizer)["train"]
+    train = generation.prepare(recipe, splits, chat_tokenizer).train
     assert [chat_tokenizer.decode([t for t in row["labels"] if t != -100]) for row in train] == \
         ["business<|im_end|>", "sport<|im_end|>"]
 

@@ -12,7 +12,8 @@ from safetensors.torch import load_file
 import peftkit.tasks.classification as classification
 from peftkit.errors import PeftkitError
 from peftkit.recipe import load_recipe
-from peftkit.train import AdapterTrainer, train
+from peftkit.train import train
+from peftkit.trainer import AdapterTrainer
 
 TINY = ["data.max_train_samples=64", "data.max_eval_samples=16", "train.batch_size=8", "train.max_length=32",
         "train.logging_steps=1", "train.lr=2e-3"]
