@@ -47,6 +47,10 @@ def attach(model, spec, name: str | None = None, gradient_checkpointing: bool | 
         raise PeftkitError(f"one model holds either peft's methods ({', '.join(native)}) or peftkit's own "
                            f"methods ({', '.join(own)}), not both")
 
+    others = sorted({info.method for info in existing.values()} - {spec.method})
+    if about.peft_native and others:  # one PeftModel holds one peft type (peft's own rule)
+        raise PeftkitError(f"the model holds {', '.join(others)} adapter(s); peft keeps one method per model, "
+                           f"so {spec.method} goes on a fresh base")
     base = base_model(model)
     heads = task_heads(base)
     info = AdapterInfo(spec.method, spec.options, base_name(base), base_fingerprint(model, heads), task_of(base))

@@ -23,7 +23,7 @@ class Method:
     mergeable: bool  # a weight update that merge() folds into the base
     quantized_base: bool  # trains and serves on a 4/8-bit bitsandbytes base
     gradient_checkpointing: bool  # trains with checkpointed layers
-    bank_rows: bool  # the bank mixes it with other adapters per row of one batch
+    bank_rows: bool  # the bank serves it, mixed with other adapters per row of one batch; else it refuses it
     why_not_mergeable: str = ""  # merge()'s refusal, for methods that are not a weight update
     why_no_checkpointing: str = ""  # attach()'s refusal, for methods that cannot train with it
     peft_type: str = ""  # peft's name for it (PeftType), for peft-native methods: how a plain peft folder says so
@@ -52,6 +52,13 @@ METHODS = {m.name: m for m in (
     Method("houlsby", "the Houlsby adapter", **_BOTTLENECK),  # Houlsby et al. 2019
     Method("pfeiffer", "the Pfeiffer adapter", **_BOTTLENECK),  # Pfeiffer et al. 2020
     Method("parallel", "the parallel adapter", **_BOTTLENECK),  # He et al. 2022
+    # peft's other layer methods: peft builds, saves and merges them; the bank's per-row hooks read LoRA only
+    Method("ia3", "IA3", "peftkit.tuners.peft_layers", peft_native=True, mergeable=True, quantized_base=True,
+           gradient_checkpointing=True, bank_rows=False, peft_type="IA3"),  # Liu et al. 2022
+    Method("loha", "LoHa", "peftkit.tuners.peft_layers", peft_native=True, mergeable=True, quantized_base=False,
+           gradient_checkpointing=True, bank_rows=False, peft_type="LOHA"),  # Hyeon-Woo et al. 2022
+    Method("lokr", "LoKr", "peftkit.tuners.peft_layers", peft_native=True, mergeable=True, quantized_base=False,
+           gradient_checkpointing=True, bank_rows=False, peft_type="LOKR"),  # Yeh et al. 2023
     Method("prefix", "prefix tuning", "peftkit.tuners.prefix", peft_native=False, mergeable=False, quantized_base=True,
            gradient_checkpointing=False, bank_rows=True,  # Li & Liang 2021
            why_not_mergeable="prefix tuning adds key/value slots to attention: " + _ADDS_COMPUTATION,

@@ -13,7 +13,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from peft import LoraConfig, PeftModel
+from peft import PeftConfig, PeftModel
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
@@ -42,7 +42,7 @@ def write_adapter_files(model, folder: Path, name: str | None = None) -> None:
     checkpoint, or save_adapter's staging folder)."""
     name, info = pick_adapter(model, name)
     if method(info.method).peft_native:
-        _save_lora(model, name, info, Path(folder))
+        _save_peft(model, name, info, Path(folder))
     else:
         state = saved_state(model, name)
         save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, Path(folder) / WEIGHTS,
@@ -104,13 +104,13 @@ def load_adapter(model, path, name: str | None = None, trainable: bool = False):
     existing = adapters_of(model)
     keep_standard_4bit_layout(base)  # as attach does: a user-loaded 4-bit base must not repack on CPU
     if method(info.method).peft_native:
-        lora = LoraConfig.from_peft_type(**{k: v for k, v in config.items() if k != "peftkit"})
+        peft_config = PeftConfig.from_peft_type(**{k: v for k, v in config.items() if k != "peftkit"})
         if isinstance(model, PeftModel):
             model.load_adapter(str(path), adapter_name=name, is_trainable=trainable)
             model.set_adapter(name)
         else:
             model = PeftModel.from_pretrained(model, str(path), adapter_name=name, is_trainable=trainable,
-                                              config=lora)
+                                              config=peft_config)
     else:
         _load_own(model, name, info, state, trainable)
     model.peftkit_adapters = {**existing, name: info}
@@ -144,7 +144,7 @@ def read_weights(file: Path) -> dict[str, torch.Tensor]:
         raise PeftkitError(f"{file} is truncated or corrupted ({err}); save the adapter again") from None
 
 
-def _save_lora(model, name, info, tmp: Path) -> None:
+def _save_peft(model, name, info, tmp: Path) -> None:
     model.save_pretrained(str(tmp), selected_adapters=[name])
     if name != "default":  # peft files non-default adapters in a subfolder
         for file in (tmp / name).iterdir():

@@ -201,8 +201,8 @@ def test_interrupted_save_leaves_old_adapter(tmp_path, monkeypatch):
 def test_bad_input_errors():
     with pytest.raises(peftkit.PeftkitError, match="unknown preset 'lorax'.*presets: .*lora"):
         peftkit.attach(make_tiny("bert", "cls"), "lorax")
-    with pytest.raises(peftkit.PeftkitError, match="unknown method 'ia3'; methods: lora, houlsby"):
-        peftkit.attach(make_tiny("bert", "cls"), {"method": "ia3"})
+    with pytest.raises(peftkit.PeftkitError, match="unknown method 'hyperlora'; methods: lora, houlsby"):
+        peftkit.attach(make_tiny("bert", "cls"), {"method": "hyperlora"})
     with pytest.raises(peftkit.PeftkitError, match="match no module.*candidates: .*query"):
         peftkit.attach(make_tiny("bert", "cls"), {"method": "lora", "target_modules": ["q_proj"]})
     with pytest.raises(peftkit.PeftkitError, match="positive integer, got 0"):

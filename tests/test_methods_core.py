@@ -87,7 +87,7 @@ def test_bad_options_for_own_methods():
     model = peftkit.attach(make_tiny("bert", "cls"), "houlsby")
     with pytest.raises(peftkit.PeftkitError, match="pass name="):
         peftkit.attach(model, "pfeiffer")
-    with pytest.raises(peftkit.PeftkitError, match=r"either peft's methods \(lora\) or peftkit's own methods \(houlsby"):
+    with pytest.raises(peftkit.PeftkitError, match=r"either peft's methods \(ia3, loha, lokr, lora\) or peftkit's own methods \(houlsby"):
         peftkit.attach(model, "lora", name="b")
     model = peftkit.attach(model, "pfeiffer", name="b")
     assert sorted(model.peftkit_adapters) == ["b", "default"]

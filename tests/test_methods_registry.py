@@ -25,6 +25,14 @@ def logits(model, inputs):
         return model(**inputs).logits
 
 
+def trained(model, inputs=None):
+    """`model` after one SGD step on tiny inputs, in eval mode: its adapter is no longer at its init."""
+    model.train()
+    model(**(inputs or tiny_inputs())).logits.float().pow(2).mean().backward()
+    torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5).step()
+    return model.eval()
+
+
 @pytest.mark.parametrize("name", list(METHODS))
 def test_every_tuner_module_has_the_contract(name):
     about = METHODS[name]
@@ -39,11 +47,7 @@ def test_every_registered_method_attaches_trains_saves_and_loads(tmp_path, name,
     base = dict(make_tiny(arch, task).named_parameters())
     inputs = tiny_inputs()
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    model.train()
-    logits_now = model(**inputs).logits
-    logits_now.float().pow(2).mean().backward()
-    torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5).step()
-    model.eval()
+    trained(model, inputs)
     changed = [k for k, v in model.state_dict().items() if not torch.equal(v, before[k])]
     assert changed, "one step changed nothing"
     frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
@@ -79,28 +83,51 @@ def test_a_method_declared_without_checkpointing_refuses_it(monkeypatch):
     assert not any(p.requires_grad is False for p in model.parameters()), "refused, yet the model was frozen"
 
 
-def test_a_method_declared_without_quantized_bases_refuses_one(monkeypatch, tmp_path):
+def test_a_method_declared_without_quantized_bases_refuses_one(tmp_path):
     make_tiny("llama", "cls").save_pretrained(tmp_path / "base")
     model = peftkit.load_model(tmp_path / "base", task="classification", quantize="nf4")
-    declare(monkeypatch, "pfeiffer", quantized_base=False)
-    with pytest.raises(PeftkitError, match="the Pfeiffer adapter does not work on a 4/8-bit base"):
-        peftkit.attach(model, "pfeiffer")
+    unable = [m for m in METHODS.values() if not m.quantized_base]
+    assert unable, "every method declares 4/8-bit bases; this test needs one that does not"
+    with pytest.raises(PeftkitError, match=f"{unable[0].long_name} does not work on a 4/8-bit base"):
+        peftkit.attach(model, unable[0].name)
     assert not hasattr(model, "peftkit_adapters")
 
 
-def test_a_method_declared_without_mixed_rows_is_refused_in_a_mixed_batch(monkeypatch, tmp_path):
+def test_a_method_the_bank_cannot_serve_per_row_is_refused_and_the_bank_is_unchanged(tmp_path):
+    unable = [m.name for m in METHODS.values() if not m.bank_rows]
+    assert unable, "the bank serves every method; this test needs one it does not"
     bank = AdapterBank(make_tiny("llama", "lm"))
-    for name in ("houlsby", "prefix"):
-        model = peftkit.attach(make_tiny("llama", "lm"), name)
-        bank.load(name, peftkit.save_adapter(model, tmp_path / name))
+    bank.load("houlsby", peftkit.save_adapter(peftkit.attach(make_tiny("llama", "lm"), "houlsby"),
+                                              tmp_path / "houlsby"))
     inputs = tiny_inputs(batch=2)
-    alone = bank.forward("prefix", **inputs).logits
-    declare(monkeypatch, "prefix", bank_rows=False)
-    with pytest.raises(PeftkitError, match="adapter.s. prefix cannot share a batch with other adapters"):
-        bank.forward(["houlsby", "prefix"], **inputs)
-    torch.testing.assert_close(bank.forward(["prefix", "prefix"], **inputs).logits, alone, rtol=0, atol=0)
+    before = bank.forward(["houlsby", None], **inputs).logits
+    folder = peftkit.save_adapter(peftkit.attach(make_tiny("llama", "lm"), spec_of(unable[0])), tmp_path / "x")
+    with pytest.raises(PeftkitError, match=f"is {unable[0]}, which the bank cannot apply per row"):
+        bank.load("x", folder)
+    assert [a["name"] for a in bank.adapters()] == ["houlsby"]
+    torch.testing.assert_close(bank.forward(["houlsby", None], **inputs).logits, before, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name", [m.name for m in METHODS.values() if m.peft_native])
+def test_stock_peft_loads_what_peftkit_saves_for_its_methods(tmp_path, name):
+    from peft import PeftModel
+
+    model = trained(peftkit.attach(make_tiny("bert", "cls"), spec_of(name)))
+    peftkit.save_adapter(model, tmp_path / name)
+    stock = PeftModel.from_pretrained(make_tiny("bert", "cls"), tmp_path / name).eval()
+    inputs = tiny_inputs()
+    torch.testing.assert_close(logits(stock, inputs), logits(model, inputs), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", [m.name for m in METHODS.values() if m.mergeable])
+def test_every_mergeable_method_merges_to_the_same_outputs(name):
+    model = trained(peftkit.attach(make_tiny("llama", "lm"), spec_of(name)))
+    inputs = tiny_inputs()
+    merged = peftkit.merge(model)
+    assert [n for n, _ in merged.named_parameters()] == [n for n, _ in make_tiny("llama", "lm").named_parameters()]
+    torch.testing.assert_close(logits(merged, inputs), logits(model, inputs), rtol=1e-4, atol=1e-5)
 
 
 def test_an_unknown_method_names_every_registered_one():
-    with pytest.raises(PeftkitError, match="unknown method 'ia3'; methods: " + ", ".join(METHODS)):
-        peftkit.attach(make_tiny("bert", "cls"), {"method": "ia3"})
+    with pytest.raises(PeftkitError, match="unknown method 'hyperlora'; methods: " + ", ".join(METHODS)):
+        peftkit.attach(make_tiny("bert", "cls"), {"method": "hyperlora"})

@@ -22,7 +22,7 @@ from ..anatomy import base_name, head_weights, task_heads
 from ..errors import PeftkitError
 from ..fingerprint import check_same_base, fingerprint
 from ..loading import load_model, load_tokenizer
-from ..methods import method
+from ..methods import METHODS, method
 from ..saving import WEIGHTS, adapter_info, inject_saved, read_adapter_config, read_weights
 from ..turns import Turns
 from .heads import HeadSwitch, head_like
@@ -102,6 +102,10 @@ class Holder:
             self._check_new_name(name)
             config = read_adapter_config(path)
             info = adapter_info(config)
+            if not method(info.method).bank_rows:
+                served = ", ".join(m.name for m in METHODS.values() if m.bank_rows)
+                raise PeftkitError(f"adapter {name!r} ({path}) is {info.method}, which the bank cannot apply per "
+                                   f"row (it serves {served}); load it with peftkit.load_adapter instead")
             task, model_class = adapter_task(path, config)
             if task != self.task:
                 raise PeftkitError(f"adapter {name!r} ({path}) is a {task} adapter ({model_class or 'peft'}) but "
@@ -115,7 +119,7 @@ class Holder:
             entry = Entry(name, info.method, task, path, (path / WEIGHTS).stat().st_size,
                           sum(t.numel() * t.element_size() for t in state.values()),
                           _labels(info.task) if task == "classification" else None, _recipe(path))
-            if method(info.method).peft_native:  # peft's files, applied per row by the bank's LoRA hooks
+            if method(info.method).peft_native:  # LoRA (the only peft method it serves): its own per-row hooks
                 entry.lora = self.lora.read(config, rest)  # checks everything; changes nothing
             else:
                 inject_saved(self.model, name, info, rest)

@@ -54,11 +54,6 @@ class RowSelection:
     def _select(self, rows) -> None:
         """Point every switch at `rows` (None: clear them all, so only the base model runs)."""
         kinds = {e.method for e in self.entries.values()}
-        if rows is not None and len(set(rows)) > 1:
-            alone = sorted({n for n in rows if n and not method(self.entries[n].method).bank_rows})
-            if alone:
-                raise PeftkitError(f"adapter(s) {', '.join(alone)} cannot share a batch with other adapters "
-                                   "(their method does not mix per row); send their rows on their own")
 
         def pick(names):  # the rows' adapters of these methods, None for the other rows
             return None if rows is None else _collapse([n if n and self.entries[n].method in names else None

@@ -5,7 +5,7 @@
     peftkit bench params --model llama-2-70b --method lora --method dora --format csv
 
 The model is built from its config on the meta device (shapes, no storage), so a
-70B configuration costs no memory and all five methods answer in about a second
+70B configuration costs no memory and every method answers in about a second
 (after the imports). Each method is attached with peftkit.attach to a fresh meta
 model and counted with peftkit.param_report, so the counts are the ones a real
 `attach` gives. Decoders are counted as causal LMs, encoders for sequence
@@ -28,6 +28,7 @@ params_report.py; the command line in __init__.py.
 """
 import copy
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -58,7 +59,8 @@ def param_table(model_spec, methods=None, task: str | None = None) -> list[dict]
 
     `model_spec`: a JSON config file, a folder with config.json, an embedded name or a
     shipped config name. `methods`: method names, preset names or preset YAML paths
-    (default: lora, houlsby, pfeiffer, parallel, prefix). `task`: causal-lm,
+    (default: every registered method, peftkit.methods, leaving out with a note on
+    stderr the ones that cannot attach to this model). `task`: causal-lm,
     classification, qa, base or a transformers class name; default causal-lm for
     decoders, classification for encoders.
     """
@@ -66,7 +68,8 @@ def param_table(model_spec, methods=None, task: str | None = None) -> list[dict]
     from ..methods import METHODS
     from ..presets import resolve_spec
 
-    methods = [methods] if isinstance(methods, str) else list(METHODS if methods is None else methods)
+    every = methods is None
+    methods = [methods] if isinstance(methods, str) else list(METHODS if every else methods)
     if not methods:
         raise PeftkitError("no method given; methods: " + ", ".join(METHODS))
     specs = [(label, resolve_spec(label)) for label in methods]  # unknown names fail before any model is built
@@ -79,7 +82,13 @@ def param_table(model_spec, methods=None, task: str | None = None) -> list[dict]
         start = time.perf_counter()
         model = meta_model(config, model_cls)
         base_params = _count(model)[1]
-        model = _attach_meta(model, spec, label, display)
+        try:
+            model = _attach_meta(model, spec, label, display)
+        except PeftkitError as err:
+            if not every:
+                raise
+            print(f"peftkit: note: {label} left out: {err}", file=sys.stderr)
+            continue
         trainable, total = _count(model)
         shapes = saved_tensors(model)
         setting = spec.about.tuner.describe(model)

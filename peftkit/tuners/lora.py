@@ -17,7 +17,7 @@ def build_config(method: str, options: dict, model, heads: list[str]) -> LoraCon
     options = dict(options)
     if options.get("target_modules") is None:
         options["target_modules"] = list(layout_of(model).lora_targets)
-    _check_targets(model, options["target_modules"])
+    check_targets(model, options["target_modules"])
     options["modules_to_save"] = sorted(set(options.get("modules_to_save") or []) | set(heads)) or None
     try:
         return LoraConfig(task_type=task_type(model), **options)
@@ -45,7 +45,7 @@ def task_type(model) -> TaskType | None:
     return None
 
 
-def _check_targets(model, targets) -> None:
+def check_targets(model, targets) -> None:
     if targets == "all-linear":
         return
     names = [name for name, _ in model.named_modules()]
