@@ -9,6 +9,19 @@ from .errors import PeftkitError
 from .fingerprint import fingerprint
 
 
+# A model's task from the end of its transformers class name, with peft's TaskType for it: the one
+# table behind LoRA's task_type and the tasks the bank serves.
+MODEL_TASKS = {"ForCausalLM": ("causal-lm", "CAUSAL_LM"), "LMHeadModel": ("causal-lm", "CAUSAL_LM"),
+               "ForSequenceClassification": ("classification", "SEQ_CLS"),
+               "ForQuestionAnswering": ("qa", "QUESTION_ANS"),
+               "ForTokenClassification": ("token-classification", "TOKEN_CLS")}
+
+
+def model_task(class_name: str) -> tuple[str, str] | None:
+    """(peftkit task, peft TaskType name) of a transformers model class, or None for a bare body."""
+    return next((task for suffix, task in MODEL_TASKS.items() if class_name.endswith(suffix)), None)
+
+
 @dataclass
 class AdapterInfo:
     method: str

@@ -18,7 +18,7 @@ from typing import Self
 
 from torch import nn
 
-from ..anatomy import base_name, head_weights, task_heads
+from ..anatomy import MODEL_TASKS, base_name, head_weights, model_task, task_heads
 from ..errors import PeftkitError
 from ..fingerprint import check_same_base, fingerprint
 from ..loading import load_model, load_tokenizer
@@ -28,9 +28,8 @@ from ..turns import Turns
 from .heads import HeadSwitch, head_like
 from .lora import LoraHooks, strip
 
-TASKS = {"ForCausalLM": "causal-lm", "LMHeadModel": "causal-lm", "ForSequenceClassification": "classification",
-         "ForQuestionAnswering": "qa"}
-PEFT_TASKS = {"CAUSAL_LM": "causal-lm", "SEQ_CLS": "classification", "QUESTION_ANS": "qa"}
+SERVED = ("causal-lm", "classification", "qa")  # the tasks the bank has front-ends for
+PEFT_TASKS = {peft: task for task, peft in MODEL_TASKS.values() if task in SERVED}
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
 DEFAULTS = {"max_new_tokens": 32, "cls_max_length": 512, "qa_max_length": 384, "doc_stride": 128}
 
@@ -192,9 +191,9 @@ class Holder:
 
 
 def task_of_class(class_name: str) -> str:
-    for suffix, task in TASKS.items():
-        if class_name.endswith(suffix):
-            return task
+    found = model_task(class_name)
+    if found and found[0] in SERVED:
+        return found[0]
     raise PeftkitError(f"AdapterBank serves causal LMs, sequence classifiers and QA models; "
                        f"{class_name} is none of these (load the base with task=causal-lm, classification or qa)")
 

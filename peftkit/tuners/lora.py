@@ -5,6 +5,7 @@ import re
 
 from peft import LoraConfig, TaskType
 
+from ..anatomy import model_task
 from ..architectures import candidate_modules, layout_of
 from ..errors import PeftkitError
 
@@ -36,13 +37,8 @@ def check_options(method: str, options: dict) -> None:
 
 
 def task_type(model) -> TaskType | None:
-    name = type(model).__name__
-    for suffix, task in (("ForSequenceClassification", TaskType.SEQ_CLS), ("ForCausalLM", TaskType.CAUSAL_LM),
-                         ("LMHeadModel", TaskType.CAUSAL_LM), ("ForQuestionAnswering", TaskType.QUESTION_ANS),
-                         ("ForTokenClassification", TaskType.TOKEN_CLS)):
-        if name.endswith(suffix):
-            return task
-    return None
+    found = model_task(type(model).__name__)
+    return TaskType(found[1]) if found else None
 
 
 def check_targets(model, targets) -> None:
