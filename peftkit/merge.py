@@ -29,7 +29,11 @@ def merge(model, name: str | None = None, dtype: torch.dtype | None = None, inpl
     model.set_adapter(name)
     if is_quantized(model):
         dtype = dtype or torch.float32  # what the 4/8-bit weights are dequantized to
-        model = _requantize_free(model, name)
+        try:
+            model = _requantize_free(model, name)
+        except ValueError as err:  # peft refuses to take some methods' layers off a 4-bit base (IA3)
+            raise PeftkitError(f"peft cannot take {info.method} off a 4/8-bit base to merge it ({err}); load the "
+                               "base without quantize, load_adapter onto it, and merge that") from None
     dtype = dtype or model.get_base_model().dtype
     merged = model.merge_and_unload(adapter_names=[name])
     merged.peftkit_adapters = {}

@@ -131,3 +131,17 @@ def test_every_mergeable_method_merges_to_the_same_outputs(name):
 def test_an_unknown_method_names_every_registered_one():
     with pytest.raises(PeftkitError, match="unknown method 'hyperlora'; methods: " + ", ".join(METHODS)):
         peftkit.attach(make_tiny("bert", "cls"), {"method": "hyperlora"})
+
+
+def test_ia3_trains_on_a_4bit_base_and_its_merge_there_is_refused_in_one_line(tmp_path):
+    make_tiny("llama", "cls").save_pretrained(tmp_path / "base")
+    model = trained(peftkit.attach(peftkit.load_model(tmp_path / "base", task="classification", quantize="nf4"),
+                                   "ia3"))
+    inputs = tiny_inputs()
+    peftkit.save_adapter(model, tmp_path / "ia3")
+    loaded = peftkit.load_adapter(peftkit.load_model(tmp_path / "base", task="classification", quantize="nf4"),
+                                  tmp_path / "ia3")
+    torch.testing.assert_close(logits(loaded, inputs), logits(model, inputs), rtol=0, atol=0)
+    with pytest.raises(PeftkitError, match="peft cannot take ia3 off a 4/8-bit base to merge it"):
+        peftkit.merge(model)
+    torch.testing.assert_close(logits(model, inputs), logits(loaded, inputs), rtol=0, atol=0)  # left as it was
