@@ -10,7 +10,6 @@
   tensor of the sentiment recipe (32 x 48 x 384), forward and backward.
 Each figure is the best of several timed repetitions.
 """
-import json
 import sys
 import time
 from pathlib import Path
@@ -25,7 +24,7 @@ sys.path.insert(0, str(ROOT))
 from peftkit.bench.machine import machine_info, peak_matmul_flops  # noqa: E402
 from peftkit.dropout import FastDropout  # noqa: E402
 from peftkit.precision import SMALL_ATTENTION  # noqa: E402
-from peftkit.saving import atomic_write  # noqa: E402
+from peftkit.bench.script_results import script_command, write_result  # noqa: E402
 
 # (tokens, batch, heads, head size): MiniLM's reviews (48 typical, 64 max), topic ledes and 192-token
 # rows, its QA windows; SmolLM2's headline rows
@@ -64,7 +63,7 @@ def dropout_ms(layer, dtype) -> float:
 
 def main(argv=None) -> int:
     out_dir = Path(_arguments(argv).out)
-    results = {"command": " ".join(["python benchmarks/cpu_kernels.py", *(sys.argv[1:] if argv is None else argv)]),
+    results = {"command": script_command("cpu_kernels.py", argv),
                "machine": machine_info("cpu"), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                "matmul_gflops": {}, "attention_ms": [], "dropout_ms": {}}
     for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
@@ -79,11 +78,7 @@ def main(argv=None) -> int:
     for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
         results["dropout_ms"][name] = {"torch": round(dropout_ms(torch.nn.Dropout(0.1).train(), dtype), 2),
                                        "peftkit": round(dropout_ms(FastDropout(0.1).train(), dtype), 2)}
-    out_dir.mkdir(parents=True, exist_ok=True)
-    out = out_dir / "cpu-kernels-cpu"
-    atomic_write(out.with_suffix(".json"), json.dumps(results, indent=1) + "\n")
-    atomic_write(out.with_suffix(".md"), markdown(results))
-    print(markdown(results))
+    write_result(out_dir, "cpu-kernels-cpu", results, markdown(results))
     return 0
 
 

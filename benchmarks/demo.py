@@ -16,6 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from peftkit.bench.machine import machine_info  # noqa: E402
+from peftkit.bench.script_results import script_command  # noqa: E402
 from peftkit.saving import atomic_write  # noqa: E402
 
 RUN = ROOT / "runs" / "sentiment-lora"
@@ -24,7 +25,7 @@ TIMING = ("Command being timed", "Percent of CPU", "Elapsed (wall clock)", "Maxi
 
 def main(argv=None) -> int:
     out_dir = Path(_arguments(argv).out)
-    command = " ".join(["python benchmarks/demo.py", *(sys.argv[1:] if argv is None else argv)])
+    command = script_command("demo.py", argv)
     subprocess.run(["rm", "-rf", str(RUN)], check=True)
     done = subprocess.run(["/usr/bin/time", "-v", "make", "demo"], cwd=ROOT, capture_output=True, text=True)
     if done.returncode != 0:

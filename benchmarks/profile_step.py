@@ -8,7 +8,6 @@ operator's share of the CPU time, its calls and mean time. The first step (warm-
 so run enough steps that it does not dominate.
 """
 import argparse
-import json
 import sys
 import tempfile
 import time
@@ -21,8 +20,8 @@ from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
 import peftkit  # noqa: E402
 from peftkit.bench.machine import machine_info  # noqa: E402
+from peftkit.bench.script_results import script_command, write_result  # noqa: E402
 from peftkit.recipe import load_recipe  # noqa: E402
-from peftkit.saving import atomic_write  # noqa: E402
 from peftkit.train import make_trainer, set_up  # noqa: E402
 
 TOP = 25
@@ -43,15 +42,11 @@ def main(argv=None) -> int:
     total = sum(e.self_cpu_time_total for e in events)
     rows = [{"op": e.key, "share": round(e.self_cpu_time_total / total, 4), "calls": e.count,
              "mean_us": round(e.self_cpu_time_total / e.count, 1)} for e in events[:TOP]]
-    result = {"command": " ".join(["python benchmarks/profile_step.py", *(sys.argv[1:] if argv is None else argv)]),
+    result = {"command": script_command("profile_step.py", argv),
               "machine": machine_info("cpu"), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
               "recipe": recipe.name, "steps": setup.steps, "precision": setup.precision,
               "attention": setup.attention, "self_cpu_seconds": round(total / 1e6, 2), "ops": rows}
-    out = Path(args.out) / f"profile-{recipe.name}"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(out.with_suffix(".json"), json.dumps(result, indent=1) + "\n")
-    atomic_write(out.with_suffix(".md"), markdown(result))
-    print(markdown(result))
+    write_result(args.out, f"profile-{recipe.name}", result, markdown(result))
     return 0
 
 

@@ -62,8 +62,8 @@ def resolve_spec(spec, quantize: str | None = None) -> AdapterSpec:
         raise PeftkitError(
             f"unknown method {name!r}; methods: {', '.join(METHODS)}; presets: {', '.join(preset_names())}"
         )
-    quantize = quantize or options.pop("quantize", None)
-    options.pop("quantize", None)
+    preset_quantize = options.pop("quantize", None)
+    quantize = quantize or preset_quantize
     check_quantize(quantize)
     return AdapterSpec(name, options, quantize, preset)
 

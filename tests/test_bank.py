@@ -117,6 +117,10 @@ def suite(tmp_path_factory):
     return spec, torch.load(root / "ref.pt", weights_only=True), root
 
 
+TOKEN = "s3cret"  # the admin token of the servers over served_llama's bank
+LORA = {"method": "lora", "init_lora_weights": False}
+
+
 def served_llama(root: Path, adapters: dict, loaded: list) -> AdapterBank:
     """For the server's tests: a tiny Llama base saved with SmolLM2's tokenizer under `root`, the
     `adapters` ({name: spec}) saved in root/adapters (plus "foreign", made on another base, and
@@ -126,9 +130,8 @@ def served_llama(root: Path, adapters: dict, loaded: list) -> AdapterBank:
     folder = root / "adapters"
     for i, (name, spec) in enumerate(adapters.items()):
         make_adapter(tiny("llama", "lm", **size), spec, folder / name, seed=i)
-    make_adapter(tiny("llama", "lm", seed=1, **size), {"method": "lora", "init_lora_weights": False},
-                 folder / "foreign")
-    make_adapter(tiny("llama", "lm", **size), {"method": "lora", "init_lora_weights": False}, root / "outside")
+    make_adapter(tiny("llama", "lm", seed=1, **size), LORA, folder / "foreign")
+    make_adapter(tiny("llama", "lm", **size), LORA, root / "outside")
     base = root / "tiny-llama"
     tiny("llama", "lm", **size).save_pretrained(base)
     tokenizer.save_pretrained(base)

@@ -6,17 +6,13 @@ bank must say the same thing.
 """
 import httpx
 import pytest
-from test_bank import PREFIX, make_adapter, one_thread, served_llama, tiny  # noqa: F401 (one_thread: autouse fixture)
+from test_bank import LORA, PREFIX, TOKEN, make_adapter, one_thread, served_llama, tiny  # noqa: F401 (one_thread: autouse fixture)
 
 import peftkit
 from peftkit import AdapterBank, routes
 from peftkit.openai_api import AnswerBody, ApiError, ChatBody, ClassifyBody, CompletionBody, LoadBody
 from peftkit.routes import Service
 from peftkit.serve import BackgroundServer, create_app
-
-TOKEN = "s3cret"
-LORA = {"method": "lora", "init_lora_weights": False}
-
 
 @pytest.fixture(scope="module")
 def lm(tmp_path_factory):
