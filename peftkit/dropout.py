@@ -30,8 +30,10 @@ SAME_WIDTH_INT = {dtype: (ints, torch.ones((), dtype=dtype).view(ints).item())
 
 class FastDropout(nn.Dropout):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Under torch.compile (train.compile) inductor fuses PyTorch's own dropout into the neighbouring
+        # kernels with a cheap generator of its own; the mask's reinterpreting views below do not trace.
         if (not self.training or self.p == 0.0 or x.device.type != "cpu"
-                or x.dtype not in SAME_WIDTH_INT):
+                or x.dtype not in SAME_WIDTH_INT or torch.compiler.is_compiling()):
             return super().forward(x)
         if self.p == 1.0:
             return x * 0.0

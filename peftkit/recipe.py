@@ -61,6 +61,7 @@ class Train:
     group_by_length: bool = True  # batches of similar length, in random order (batching.py): less padding
     fast_dropout: bool = True  # dropout with a cheaper random mask on the CPU (dropout.py); same distribution
     precision: str = "auto"  # auto | fp32 | bf16: auto is bf16 where the hardware has it natively (precision.py)
+    compile: str | bool = "auto"  # auto | true | false: transformer blocks compiled for training steps (compiling.py)
     logging_steps: int = 10
     save_steps: int = 200  # checkpoints without validation; with it, one at each evaluation
     # Validation while training: every eval_steps optimizer steps the task's metrics on the validation
@@ -97,6 +98,8 @@ class Recipe:
                 raise PeftkitError(f"train.{key} must be positive, got {getattr(self.train, key)}")
         from .precision import check_precision  # here: `peftkit recipes` lists YAML without importing torch
         check_precision(self.train.precision)
+        from .compiling import check_compile
+        check_compile(self.train.compile)
         if self.train.lr <= 0:
             raise PeftkitError(f"train.lr must be positive, got {self.train.lr}")
         self._check_validation()

@@ -21,6 +21,7 @@ from transformers.integrations import TensorBoardCallback
 
 from .anatomy import pick_adapter
 from .attach import attach
+from .compiling import CompiledBlocks, resolve_compile
 from .datasource import load_splits
 from .dropout import swap_in_fast_dropout
 from .errors import PeftkitError
@@ -104,6 +105,8 @@ def make_trainer(recipe: Recipe, setup: Setup, model, work: Path, save: bool = T
     if recipe.train.fast_dropout:
         swap_in_fast_dropout(model)
     eval_steps = setup.eval_steps if validate else 0
+    compiled, compile_detail = resolve_compile(recipe.train.compile, model, setup.task.MODEL_TASK,
+                                               setup.spec.method, setup.precision, setup.steps)
     callbacks = list(callbacks)
     if eval_steps and recipe.train.early_stopping_patience:
         callbacks.append(EarlyStoppingCallback(recipe.train.early_stopping_patience,
@@ -117,7 +120,9 @@ def make_trainer(recipe: Recipe, setup: Setup, model, work: Path, save: bool = T
                              data_collator=setup.prepared.collator, train_dataset=setup.prepared.train,
                              eval_dataset=setup.splits["validation"] if eval_steps else None,
                              validate=validation_scores, task_loss=setup.prepared.loss,
-                             callbacks=callbacks, bf16_inputs=setup.precision == "bf16")
+                             callbacks=callbacks, bf16_inputs=setup.precision == "bf16",
+                             compiled=CompiledBlocks(model) if compiled else None)
+    trainer.compile_detail = compile_detail
     for callback in trainer.callback_handler.callbacks:
         if isinstance(callback, TensorBoardCallback):  # into the work folder; the run folder gets it at the end
             callback.logging_dir = str(work / "tensorboard")
@@ -172,6 +177,7 @@ def train(recipe: Recipe, resume: bool = False, test: bool = True) -> Path:
         "task": recipe.task, "model": recipe.model, "method": recipe.method, "quantize": quantize,
         "precision": precision, "precision_detail": describe(precision, quantize, setup.attention),
         "fast_dropout": recipe.train.fast_dropout,
+        "compiled": trainer.compiled is not None, "compile_detail": trainer.compile_detail,
         "test_examples": len(splits["test"]), "base": before, "adapted": after,
         **({"baseline": baseline} if baseline else {}),
         "metric_for_best": recipe.best_metric, "eval_steps": setup.eval_steps,
@@ -225,6 +231,7 @@ def summary(run_dir: Path, metrics: dict) -> str:
             f"quantize {metrics['quantize']}",
             f"precision    {metrics['precision_detail']}"
             + ("; fast CPU dropout" if metrics["fast_dropout"] and not torch.cuda.is_available() else ""),
+            f"compile      {metrics['compile_detail']}",
             f"trainable    {metrics['trainable_params']:,} of {metrics['total_params']:,} "
             f"({metrics['trainable_ratio']:.3%})",
             f"train        {metrics['train_seconds']} s, {metrics['train_samples_per_second']} samples/s, "

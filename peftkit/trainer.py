@@ -1,5 +1,6 @@
 """AdapterTrainer: transformers' Trainer with adapter-only checkpoints, a task's own loss and
 validation by the task's metric; train.make_trainer builds it for a recipe."""
+import contextlib
 import os
 import time
 from pathlib import Path
@@ -16,7 +17,8 @@ class AdapterTrainer(Trainer):
     """Checkpoints hold the adapter and trained heads (plus optimizer state), never the base.
     A task may bring its own loss (generation computes logits for the answer tokens only)."""
 
-    def __init__(self, model=None, *args, task_loss=None, bf16_inputs=False, validate=None, **kwargs):
+    def __init__(self, model=None, *args, task_loss=None, bf16_inputs=False, validate=None, compiled=None,
+                 **kwargs):
         # transformers refuses to train a quantized model unless peft (or its own adapter mixin)
         # attached the adapters; peftkit's bottleneck and prefix adapters are neither, so the
         # check sees trainable parameters on a quantized base as "no adapters". Vouch for them
@@ -42,9 +44,10 @@ class AdapterTrainer(Trainer):
         # and autocast casts it straight back for the matmul: two copies per layer, each way, for
         # nothing. peft's own switch leaves the input as it comes (a no-op for our own methods).
         self.bf16_inputs = bf16_inputs
+        self.compiled = compiled  # compiling.CompiledBlocks for training steps, or None
 
     def training_step(self, model, *args, **kwargs):
-        with disable_input_dtype_casting(model, active=self.bf16_inputs):
+        with disable_input_dtype_casting(model, active=self.bf16_inputs), self.compiled or contextlib.nullcontext():
             return super().training_step(model, *args, **kwargs)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
