@@ -126,7 +126,9 @@ def answer_loss(model, inputs: dict, num_items_in_batch=None) -> torch.Tensor:
     head = extract_model_from_parallel(model).get_output_embeddings()  # under DDP `model` is its wrapper
     handle = head.register_forward_pre_hook(lambda module, args: (args[0][keep],))
     try:
-        logits = model(**{k: v for k, v in inputs.items() if k != "labels"}).logits
+        # no KV cache: transformers builds one whenever use_cache is on (the config's default), a
+        # concatenation per layer per step that training never reads
+        logits = model(**{k: v for k, v in inputs.items() if k != "labels"}, use_cache=False).logits
     finally:
         handle.remove()
     total = torch.nn.functional.cross_entropy(logits.float(), targets[targets != IGNORE], reduction="sum")
