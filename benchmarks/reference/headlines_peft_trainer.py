@@ -21,7 +21,8 @@ TUNED = {"train_sampling_strategy": "group_by_length", "optim": "adamw_torch_fus
 
 
 def build(model_dir, splits, output_dir, *, instruction, lr, batch_size, epochs, max_steps, max_length,
-          warmup_ratio, seed, logging_steps, model_config, bf16, tuned=False, callbacks=(), **unused) -> Trainer:
+          warmup_ratio, seed, logging_steps, model_config, bf16, tuned=False, torch_compile=False, callbacks=(),
+          **unused) -> Trainer:
     set_seed(seed)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     if tokenizer.pad_token is None:
@@ -52,6 +53,7 @@ def build(model_dir, splits, output_dir, *, instruction, lr, batch_size, epochs,
                              warmup_steps=warmup_ratio,  # below 1: a fraction of the steps
                              lr_scheduler_type="linear", seed=seed, logging_steps=logging_steps,
                              bf16=bf16, use_cpu=not torch.cuda.is_available(), save_strategy="no", report_to=[],
+                             torch_compile=torch_compile,  # the `reference-compiled` variant: Trainer compiles the model
                              **(TUNED if tuned else {}))
     collator = DataCollatorForSeq2Seq(tokenizer, padding=True, pad_to_multiple_of=8 if tuned else None)
     return Trainer(model=model, args=args, train_dataset=train, data_collator=collator, callbacks=list(callbacks))

@@ -108,7 +108,7 @@ def _hyperparameters(recipe) -> dict:
     t = recipe.train
     return {"lr": t.lr, "batch_size": t.batch_size, "epochs": t.epochs, "max_steps": t.max_steps,
             "max_length": t.max_length, "warmup_ratio": t.warmup_ratio, "seed": t.seed,
-            "logging_steps": t.logging_steps, "instruction": recipe.data.instruction,
+            "logging_steps": t.logging_steps, "instruction": recipe.data.instruction, "torch_compile": t.compile is True,
             "model_config": recipe.model_config}
 
 
