@@ -16,8 +16,10 @@ OWN_CONTRACT = ("inject", "adapter_state_dict", "load_adapter_state_dict", "set_
 
 
 def spec_of(name: str) -> dict:
-    """The method at its defaults, with LoRA's B matrix random so the adapter changes outputs."""
-    return {"method": name, "init_lora_weights": False} if name == "lora" else {"method": name}
+    """The method at its defaults, with LoRA's B matrix random so the adapter changes outputs, and a
+    rank schedule (AdaLoRA) as long as a 10-step run."""
+    options = {"init_lora_weights": False} if name == "lora" else {}
+    return {"method": name, **METHODS[name].for_run(options, 10)}
 
 
 def logits(model, inputs):
