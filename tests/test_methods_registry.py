@@ -189,6 +189,15 @@ def test_an_unknown_option_of_a_peft_method_names_the_nearest_valid_ones():
         peftkit.attach(make_tiny("bert", "cls"), {"method": "ln_tuning", "r": 8})
 
 
+def test_ranks_are_checked_as_each_method_counts_them():
+    with pytest.raises(PeftkitError, match="loha rank r must be a positive integer, got 0"):
+        peftkit.attach(make_tiny("bert", "cls"), {"method": "loha", "r": 0})
+    with pytest.raises(PeftkitError, match=r"oft rank r must be 0 \(blocks of oft_block_size\) or a positive "
+                                           "integer, got -1"):
+        peftkit.attach(make_tiny("bert", "cls"), {"method": "oft", "r": -1})
+    assert peftkit.attach(make_tiny("bert", "cls"), {"method": "oft", "r": 0}).peft_config["default"].r == 0
+
+
 @pytest.mark.parametrize("spec, problem", [
     ({"method": "oft", "oft_block_size": 24}, "oft oft_block_size=24 does not divide the input width 32 of "
                                               r"bert\.encoder\.layer\.0\.attention\.self\.query: .*every adapted "

@@ -54,9 +54,10 @@ def check_options(method: str, options: dict) -> None:
             raise PeftkitError(f"unknown {method} option {option!r}{hint} {CONFIGS[method].__name__} accepts: "
                                f"{', '.join(valid)}")
     r = options.get("r", 8)
-    least = 0 if method == "oft" else 1  # OFT's r=0 (its default) means: as many blocks as oft_block_size gives
-    if "r" in valid and (not isinstance(r, int) or isinstance(r, bool) or r < least):
-        raise PeftkitError(f"{method} rank r must be an integer of at least {least}, got {r!r}")
+    # OFT's r is its block count, and 0 (its default) leaves that to oft_block_size
+    usable = "0 (blocks of oft_block_size) or a positive integer" if method == "oft" else "a positive integer"
+    if "r" in valid and (not isinstance(r, int) or isinstance(r, bool) or r < (method != "oft")):
+        raise PeftkitError(f"{method} rank r must be {usable}, got {r!r}")
 
 
 def build_config(method: str, options: dict, model, heads: list[str]):
