@@ -1,8 +1,8 @@
 """Where adapters go in each supported architecture, in one table.
 
-LoRA's default targets and the bottleneck adapters' insertion points come from
-here, so those methods support a new architecture with one entry. Prefix tuning also
-lists the architectures whose attention cache it was checked with (SUPPORTED in
+LoRA's default targets, LN tuning's norm layers and the bottleneck adapters' insertion
+points come from here, so those methods support a new architecture with one entry. Prefix
+tuning also lists the architectures whose attention cache it was checked with (SUPPORTED in
 tuners/prefix/model.py), and task heads are found per model (anatomy.task_heads).
 Each placement pattern is a regular expression matched (re.search) against full module
 names such as "bert.encoder.layer.3.attention.output.dense".
@@ -22,6 +22,7 @@ class Layout:
     attention_output: str  # output projection of self-attention, before the residual add
     ffn_input: str  # module whose *input* is the feed-forward block's input
     ffn_output: str  # module whose *output* is the feed-forward block's output, before the residual add
+    norm_targets: tuple[str, ...]  # its normalization layers, as peft matches them (LN tuning's default targets)
 
 
 _BERT = Layout(
@@ -29,18 +30,21 @@ _BERT = Layout(
     attention_output=r"layer\.\d+\.attention\.output\.dense$",
     ffn_input=r"layer\.\d+\.intermediate$",
     ffn_output=r"layer\.\d+\.output\.dense$",
+    norm_targets=("LayerNorm",),  # embeddings, after attention and after the feed-forward block
 )
 _LLAMA = Layout(
     lora_targets=("q_proj", "v_proj"),
     attention_output=r"layers\.\d+\.self_attn\.o_proj$",
     ffn_input=r"layers\.\d+\.mlp$",
     ffn_output=r"layers\.\d+\.mlp$",
+    norm_targets=("input_layernorm", "post_attention_layernorm", "norm"),
 )
 _GPT2 = Layout(
     lora_targets=("c_attn",),
     attention_output=r"h\.\d+\.attn\.c_proj$",
     ffn_input=r"h\.\d+\.mlp$",
     ffn_output=r"h\.\d+\.mlp$",
+    norm_targets=("ln_1", "ln_2", "ln_f"),
 )
 
 LAYOUTS = {

@@ -27,6 +27,8 @@ class Method:
     why_not_mergeable: str = ""  # merge()'s refusal, for methods that are not a weight update
     why_no_checkpointing: str = ""  # attach()'s refusal, for methods that cannot train with it
     peft_type: str = ""  # peft's name for it (PeftType), for peft-native methods: how a plain peft folder says so
+    rank_schedule: bool = False  # reallocates its ranks as it trains (AdaLoRA): peft's update_and_allocate runs
+    # after each optimizer step, on a budget schedule over total_step optimizer steps
 
     @property
     def tuner(self):
@@ -35,6 +37,13 @@ class Method:
     def check_options(self, options: dict) -> None:
         """Refuse options the method does not have, without a model."""
         self.tuner.check_options(self.name, options)
+
+    def for_run(self, options: dict, steps: int) -> dict:
+        """`options` for a training run of `steps` optimizer steps: a rank schedule left without its
+        length (total_step) gets the run's."""
+        if self.rank_schedule and options.get("total_step") is None:
+            return {**options, "total_step": steps}
+        return options
 
     def config(self, options: dict, model, heads: list[str]):
         """The tuner's config for `model` (whose task heads stay trainable)."""
@@ -59,6 +68,18 @@ METHODS = {m.name: m for m in (
            gradient_checkpointing=True, bank_rows=False, peft_type="LOHA"),  # Hyeon-Woo et al. 2022
     Method("lokr", "LoKr", "peftkit.tuners.peft_layers", peft_native=True, mergeable=True, quantized_base=False,
            gradient_checkpointing=True, bank_rows=False, peft_type="LOKR"),  # Yeh et al. 2023
+    Method("vera", "VeRA", "peftkit.tuners.peft_layers", peft_native=True, mergeable=True, quantized_base=True,
+           gradient_checkpointing=True, bank_rows=False, peft_type="VERA"),  # Kopiczko et al. 2024
+    Method("oft", "OFT", "peftkit.tuners.peft_layers", peft_native=True, mergeable=True, quantized_base=True,
+           gradient_checkpointing=True, bank_rows=False, peft_type="OFT"),  # Qiu et al. 2023
+    Method("boft", "BOFT", "peftkit.tuners.peft_layers", peft_native=True, mergeable=True, quantized_base=True,
+           gradient_checkpointing=True, bank_rows=False, peft_type="BOFT"),  # Liu et al. 2024
+    Method("fourierft", "FourierFT", "peftkit.tuners.peft_layers", peft_native=True, mergeable=True,
+           quantized_base=True, gradient_checkpointing=True, bank_rows=False, peft_type="FOURIERFT"),  # Gao et al. 2024
+    Method("ln_tuning", "LN tuning", "peftkit.tuners.peft_layers", peft_native=True, mergeable=True,
+           quantized_base=True, gradient_checkpointing=True, bank_rows=False, peft_type="LN_TUNING"),  # Qi et al. 2022
+    Method("adalora", "AdaLoRA", "peftkit.tuners.peft_layers", peft_native=True, mergeable=True, quantized_base=True,
+           gradient_checkpointing=True, bank_rows=False, peft_type="ADALORA", rank_schedule=True),  # Zhang et al. 2023
     Method("prefix", "prefix tuning", "peftkit.tuners.prefix", peft_native=False, mergeable=False, quantized_base=True,
            gradient_checkpointing=False, bank_rows=True,  # Li & Liang 2021
            why_not_mergeable="prefix tuning adds key/value slots to attention: " + _ADDS_COMPUTATION,

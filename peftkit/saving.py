@@ -55,8 +55,7 @@ def restore_adapter_weights(model, folder: Path, name: str | None = None) -> Non
     name, info = pick_adapter(model, name)
     state = read_weights(Path(folder) / WEIGHTS)
     if method(info.method).peft_native:
-        from peft import set_peft_model_state_dict
-        set_peft_model_state_dict(model, state, adapter_name=name)
+        _restore_peft(model, name, Path(folder), state)
         return
     base = base_model(model)
     heads = head_weights(state, task_heads(base))
@@ -64,6 +63,32 @@ def restore_adapter_weights(model, folder: Path, name: str | None = None) -> Non
     method(info.method).tuner.load_adapter_state_dict(model, name,
                                                        {k: v for k, v in state.items() if k not in heads})
     base.load_state_dict(heads, strict=False)
+
+
+def _restore_peft(model, name: str, folder: Path, state: dict) -> None:
+    from peft import set_peft_model_state_dict
+
+    config = _read_json(folder / CONFIG)
+    pattern = config.get("rank_pattern") if config.get("peft_type") == "ADALORA" else None  # LoRA's: per-layer r
+    if pattern is None:
+        set_peft_model_state_dict(model, state, adapter_name=name)
+        return
+    _cut_to_ranks(model, name, pattern)
+    model.peft_config[name].rank_pattern = None  # the layers are cut already
+    set_peft_model_state_dict(model, state, adapter_name=name)
+    model.peft_config[name].rank_pattern = pattern
+
+
+def _cut_to_ranks(model, name: str, pattern: dict) -> None:
+    """Cut AdaLoRA's layers to the ranks a checkpoint kept: it saves each layer cut so, and its rank_pattern
+    changes as it trains. peft would cut them to the pattern the run has reached since, and builds the cut
+    layers in the base layer's dtype (bf16 where the frozen base is stored in bf16), which would round the
+    fp32 weights it loads; so cut here and give each tensor back its own dtype."""
+    dtypes = {n: p.dtype for n, p in model.named_parameters()}
+    model.base_model.resize_modules_by_rank_pattern(pattern, name)
+    for key, param in model.named_parameters():
+        if param.dtype != dtypes.get(key, param.dtype):
+            param.data = param.data.to(dtypes[key])
 
 
 def load_adapter(model, path, name: str | None = None, trainable: bool = False):

@@ -10,7 +10,7 @@ import json
 import math
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -34,7 +34,7 @@ from .recipe import TASK_METRICS, Recipe, check_trackers
 from .report import param_report
 from .saving import staged_dir, write_adapter_files
 from .tasks import Prepared, task_module
-from .trainer import AdapterTrainer
+from .trainer import AdapterTrainer, RankAllocation
 
 EVALUATIONS = 4  # validation passes per run when the recipe does not set train.eval_steps
 
@@ -47,7 +47,8 @@ class Setup:
     splits: object
     prepared: Prepared
     model: object
-    spec: AdapterSpec  # the method spec, resolved once (the recipe's quantize over its preset's)
+    spec: AdapterSpec  # the method spec, resolved once (the recipe's quantize over its preset's; a rank
+    # schedule's length set to the run's steps when the spec leaves it out)
     precision: str  # fp32 or bf16, resolved for this machine
     attention: str  # the attention implementation the model runs ("eager" where plain matmuls are faster)
     steps: int  # optimizer steps the run will take (fewer if it stops early)
@@ -65,6 +66,7 @@ def set_up(recipe: Recipe, processes: int = 1) -> Setup:
     prepared = task.prepare(recipe, splits, tokenizer)  # every data check happens here, before training
     steps = planned_steps(recipe, len(prepared.train), processes)
     eval_steps = _eval_steps(recipe, steps)
+    spec = replace(spec, options=spec.about.for_run(spec.options, steps))
     taken = sorted(set(recipe.model_config) & set(prepared.model_kwargs))
     if taken:
         raise PeftkitError(f"model_config.{taken[0]} is set by the {recipe.task} task from the data and "
@@ -107,7 +109,7 @@ def make_trainer(recipe: Recipe, setup: Setup, model, work: Path, save: bool = T
     eval_steps = setup.eval_steps if validate else 0
     compiled, compile_detail = resolve_compile(recipe.train.compile, model, setup.task.MODEL_TASK,
                                                setup.spec.method, setup.precision, setup.steps)
-    callbacks = list(callbacks)
+    callbacks = list(callbacks) + ([RankAllocation()] if setup.spec.about.rank_schedule else [])
     if eval_steps and recipe.train.early_stopping_patience:
         callbacks.append(EarlyStoppingCallback(recipe.train.early_stopping_patience,
                                                recipe.train.early_stopping_threshold))
@@ -136,6 +138,11 @@ def train(recipe: Recipe, resume: bool = False, test: bool = True) -> Path:
     by validation; only the chosen one is tested)."""
     check_trackers(recipe.train.report_to)
     _check_not_sharded()
+    spec = resolve_spec(recipe.method, recipe.quantize)
+    if resume and spec.about.rank_schedule:
+        raise PeftkitError(f"--resume: {spec.method} reallocates ranks by importance scores it gathers while "
+                           "training, which a checkpoint does not hold (its weights are saved cut to the ranks "
+                           "kept), so the run cannot go on where it stopped; start it again without --resume")
     # this process's place among those launched (one without a launcher); on a CPU accelerate joins
     # the launcher's processes only when told it runs on the CPU
     processes = PartialState(cpu=not torch.cuda.is_available())

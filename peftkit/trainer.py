@@ -7,7 +7,7 @@ from pathlib import Path
 
 from peft import PeftModel
 from peft.helpers import disable_input_dtype_casting
-from transformers import Trainer
+from transformers import Trainer, TrainerCallback
 
 from .batching import LengthBucketSampler
 from .saving import restore_adapter_weights, write_adapter_files
@@ -100,3 +100,13 @@ class AdapterTrainer(Trainer):
         # a checkpoint holds the adapter and heads only (see _save); peft's own reload would attach
         # the adapter anew, over the fast-path changes make_trainer made
         restore_adapter_weights(self.model, Path(self.state.best_model_checkpoint))
+
+
+class RankAllocation(TrainerCallback):
+    """AdaLoRA's rank budget: peft's update_and_allocate after every optimizer step. It scores each
+    rank by its weights' gradients, so it runs in on_optimizer_step, the one callback the Trainer
+    calls after optimizer.step() and before zero_grad() (on_step_end would find the gradients gone)."""
+
+    def on_optimizer_step(self, args, state, control, model=None, **kwargs):
+        # the step being taken, counted from 1: the last one is total_step, where peft fixes the final ranks
+        model.base_model.update_and_allocate(state.global_step + 1)

@@ -4,6 +4,7 @@ import torch
 
 import peftkit
 from conftest import make_tiny, tiny_inputs
+from peftkit.methods import METHODS
 
 OWN = ["houlsby", "pfeiffer", "parallel", "prefix"]
 MODELS = [("bert", "cls"), ("bert", "qa"), ("llama", "lm"), ("llama", "cls"), ("gpt2", "lm")]
@@ -87,7 +88,9 @@ def test_bad_options_for_own_methods():
     model = peftkit.attach(make_tiny("bert", "cls"), "houlsby")
     with pytest.raises(peftkit.PeftkitError, match="pass name="):
         peftkit.attach(model, "pfeiffer")
-    with pytest.raises(peftkit.PeftkitError, match=r"either peft's methods \(ia3, loha, lokr, lora\) or peftkit's own methods \(houlsby"):
+    peft_methods = ", ".join(sorted(m.name for m in METHODS.values() if m.peft_native))
+    with pytest.raises(peftkit.PeftkitError, match=rf"either peft's methods \({peft_methods}\) or peftkit's own "
+                                                   r"methods \(houlsby"):
         peftkit.attach(model, "lora", name="b")
     model = peftkit.attach(model, "pfeiffer", name="b")
     assert sorted(model.peftkit_adapters) == ["b", "default"]

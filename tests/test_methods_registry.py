@@ -16,8 +16,10 @@ OWN_CONTRACT = ("inject", "adapter_state_dict", "load_adapter_state_dict", "set_
 
 
 def spec_of(name: str) -> dict:
-    """The method at its defaults, with LoRA's B matrix random so the adapter changes outputs."""
-    return {"method": name, "init_lora_weights": False} if name == "lora" else {"method": name}
+    """The method at its defaults, with LoRA's B matrix random so the adapter changes outputs, and a
+    rank schedule (AdaLoRA) as long as a 10-step run."""
+    options = {"init_lora_weights": False} if name == "lora" else {}
+    return {"method": name, **METHODS[name].for_run(options, 10)}
 
 
 def logits(model, inputs):
@@ -145,3 +147,83 @@ def test_ia3_trains_on_a_4bit_base_and_its_merge_there_is_refused_in_one_line(tm
     with pytest.raises(PeftkitError, match="peft cannot take ia3 off a 4/8-bit base to merge it"):
         peftkit.merge(model)
     torch.testing.assert_close(logits(model, inputs), logits(loaded, inputs), rtol=0, atol=0)  # left as it was
+
+
+# peft's layer methods beyond LoRA whose 4/8-bit merge peftkit makes on a dequantized copy (IA3's: above)
+QUANTIZED_MERGES = [m.name for m in METHODS.values()
+                    if m.tuner_module == "peftkit.tuners.peft_layers" and m.quantized_base and m.name != "ia3"]
+
+
+@pytest.mark.parametrize("name", QUANTIZED_MERGES)
+def test_a_method_declared_for_quantized_bases_trains_loads_and_merges_on_a_4bit_one(tmp_path, name):
+    make_tiny("llama", "cls").save_pretrained(tmp_path / "base")
+    model = peftkit.attach(peftkit.load_model(tmp_path / "base", task="classification", quantize="nf4"),
+                           spec_of(name))
+    inputs = tiny_inputs()
+    before = logits(model, inputs)
+    adapter = {k: v.clone() for k, v in model.named_parameters() if v.requires_grad and "score" not in k}
+    trained(model, inputs)
+    assert any(not torch.equal(v, adapter[k]) for k, v in model.named_parameters() if k in adapter), \
+        "only the task head trained"
+    assert not torch.allclose(logits(model, inputs), before)
+    peftkit.save_adapter(model, tmp_path / name)
+    loaded = peftkit.load_adapter(peftkit.load_model(tmp_path / "base", task="classification", quantize="nf4"),
+                                  tmp_path / name)
+    torch.testing.assert_close(logits(loaded, inputs), logits(model, inputs), rtol=0, atol=0)
+    torch.testing.assert_close(logits(peftkit.merge(model), inputs), logits(model, inputs), rtol=0, atol=1e-4)
+
+
+def test_adalora_without_total_step_is_refused_by_attach_in_one_line():
+    model = make_tiny("bert", "cls")
+    with pytest.raises(PeftkitError, match="adalora needs total_step, the optimizer steps its rank budget schedule "
+                                           r"runs over; pass total_step=N \(peftkit train fills it in"):
+        peftkit.attach(model, "adalora")
+    assert not hasattr(model, "peftkit_adapters")
+
+
+def test_an_unknown_option_of_a_peft_method_names_the_nearest_valid_ones():
+    with pytest.raises(PeftkitError, match="unknown oft option 'oft_blocksize'; did you mean oft_block_size.*"
+                                           "OFTConfig accepts: .*module_dropout"):
+        peftkit.attach(make_tiny("bert", "cls"), {"method": "oft", "oft_blocksize": 16})
+    with pytest.raises(PeftkitError, match="unknown ln_tuning option 'r'"):  # LN tuning has no rank
+        peftkit.attach(make_tiny("bert", "cls"), {"method": "ln_tuning", "r": 8})
+
+
+def test_ranks_are_checked_as_each_method_counts_them():
+    with pytest.raises(PeftkitError, match="loha rank r must be a positive integer, got 0"):
+        peftkit.attach(make_tiny("bert", "cls"), {"method": "loha", "r": 0})
+    with pytest.raises(PeftkitError, match=r"oft rank r must be 0 \(blocks of oft_block_size\) or a positive "
+                                           "integer, got -1"):
+        peftkit.attach(make_tiny("bert", "cls"), {"method": "oft", "r": -1})
+    assert peftkit.attach(make_tiny("bert", "cls"), {"method": "oft", "r": 0}).peft_config["default"].r == 0
+
+
+@pytest.mark.parametrize("spec, problem", [
+    ({"method": "oft", "oft_block_size": 24}, "oft oft_block_size=24 does not divide the input width 32 of "
+                                              r"bert\.encoder\.layer\.0\.attention\.self\.query: .*every adapted "
+                                              "layer here: 1, 2, 4, 8, 16, 32$"),
+    ({"method": "boft", "boft_block_size": 0, "boft_block_num": 3}, "boft boft_block_num=3 does not divide"),
+    ({"method": "fourierft", "n_frequency": 2000}, "fourierft n_frequency=2000 is more than the 1024 weights of "
+                                                   r"bert\.encoder\.layer\.0\.attention\.self\.query"),
+])
+def test_a_layer_shape_a_method_cannot_take_is_refused_before_peft_runs(spec, problem):
+    model = make_tiny("bert", "cls")
+    with pytest.raises(PeftkitError, match=problem):
+        peftkit.attach(model, spec)
+    assert not hasattr(model, "peftkit_adapters")
+
+
+@pytest.mark.parametrize("name", ["oft", "boft"])
+def test_oft_and_boft_refuse_gpt2_conv1d_layers(name):
+    with pytest.raises(PeftkitError, match=f"{name} cannot adapt transformer.h.0.attn.c_attn, a transformers "
+                                           "Conv1D"):
+        peftkit.attach(make_tiny("gpt2", "lm"), name)
+
+
+@pytest.mark.parametrize("arch, task, norms", [("bert", "cls", 5), ("llama", "lm", 5)])
+def test_ln_tuning_trains_the_architectures_norm_layers_and_the_head_only(arch, task, norms):
+    model = peftkit.attach(make_tiny(arch, task), "ln_tuning")
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    adapted = {n.split(".ln_tuning_layers.")[0] for n in trainable if ".ln_tuning_layers." in n}
+    assert len(adapted) == norms  # 2 layers x 2 norms + the embeddings' (BERT) or the final one (Llama)
+    assert all(".ln_tuning_layers." in n or ".classifier." in n for n in trainable)

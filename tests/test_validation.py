@@ -168,3 +168,43 @@ def test_two_process_ddp_writes_one_run_with_single_process_losses(tmp_path, rec
     # equal up to dropout's draws, which differ between the two layouts (a sum over 2 processes is 2x)
     assert two["loss"] == pytest.approx(one["loss"], rel=0.02)
     assert two["grad_norm"] == pytest.approx(one["grad_norm"], rel=0.05)
+
+
+@pytest.fixture
+def allocations(monkeypatch):
+    """(step, every AdaLoRA singular value has a gradient) per call of peft's update_and_allocate."""
+    from peft.tuners.adalora import AdaLoraModel
+
+    calls, real = [], AdaLoraModel.update_and_allocate
+
+    def record(self, global_step):
+        grads = [p.grad for n, p in self.model.named_parameters() if "lora_E" in n]
+        calls.append((global_step, all(g is not None and g.abs().sum() > 0 for g in grads)))
+        return real(self, global_step)
+    monkeypatch.setattr(AdaLoraModel, "update_and_allocate", record)
+    return calls
+
+
+def test_adalora_reallocates_its_ranks_after_each_optimizer_step_and_keeps_the_best_steps_ranks(
+        tmp_path, scripted, checkpoints, allocations):
+    scripted += [0.5, 0.9, 0.6, 0.7]
+    run = train(load_recipe("sentiment-lora", TINY + ["method=adalora", "train.max_steps=4", "train.eval_steps=1",
+                                                       f"output_dir={tmp_path}"]))
+    # once per optimizer step, counted from 1, with the step's gradients still there (before zero_grad)
+    assert allocations == [(1, True), (2, True), (3, True), (4, True)]
+    config = json.loads((run / "adapter_config.json").read_text())
+    assert config["total_step"] == 4  # left out by the preset: the run's steps
+    kept = {name: sum(ranks) for name, ranks in config["rank_pattern"].items()}
+    assert len(kept) == 12 and sum(kept.values()) < 12 * 12, "no rank was cut from init_r=12"
+    assert len(set(kept.values())) > 1, "every layer kept the same rank: nothing was allocated"
+    # the kept adapter is step 2's, cut to the ranks it had then (not the ones the run reached by step 4)
+    assert json.loads((tmp_path / "sentiment-lora" / "metrics.json").read_text())["best_step"] == 2
+    assert _equal(run / WEIGHTS, checkpoints / "2.safetensors")
+    from peftkit.runs import open_run
+    assert open_run(run).evaluate("test") == pytest.approx(json.loads((run / "metrics.json").read_text())["adapted"])
+
+
+def test_adalora_runs_are_not_resumed(tmp_path):
+    with pytest.raises(PeftkitError, match="--resume: adalora reallocates ranks by importance scores .* start it "
+                                           "again without --resume"):
+        train(load_recipe("sentiment-lora", TINY + ["method=adalora", f"output_dir={tmp_path}"]), resume=True)

@@ -269,10 +269,17 @@ def _attach_meta(model, spec, label, display):
 
     try:
         with torch.device("meta"):  # adapters are born on the meta device too: no memory even for 70B
-            return attach(model, {"method": spec.method, **spec.options})
+            # a rank schedule's length (AdaLoRA's total_step) is the training run's; no count depends on it
+            return attach(model, {"method": spec.method, **spec.about.for_run(spec.options, 1)})
     except PeftkitError as err:
         raise PeftkitError(f"cannot attach {label!r} to {display} ({model.config.model_type}, "
                            f"{type(model).__name__}): {err}") from None
+    except RuntimeError as err:
+        if "meta" not in str(err):
+            raise
+        raise PeftkitError(f"cannot count {label!r} from a config: peft computes values as it builds its layers "
+                           f"({err}), which the meta device has none of; attach it to a real model and "
+                           "count with peftkit.param_report") from None
 
 
 def _count(model) -> tuple[int, int]:

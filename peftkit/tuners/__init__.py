@@ -7,8 +7,9 @@ tuner checks and builds its method's config:
     build_config(method, options, model, heads)         the config attach injects
     describe(model)                                     one line on what was attached (bench params)
 
-LoRA, IA3, LoHa and LoKr are peft's own (peftkit.tuners.lora and peftkit.tuners.peft_layers only
-translate options into their configs).
+LoRA and peft's other layer methods (IA3, LoHa, LoKr, VeRA, OFT, BOFT, FourierFT, LN tuning,
+AdaLoRA) are peft's own (peftkit.tuners.lora and peftkit.tuners.peft_layers only translate options
+into their configs).
 The methods peft lacks here (bottleneck adapters; prefix tuning that works for
 encoders and task heads under transformers 5) live in their own packages with
 config.py / layer.py / model.py and also expose:
