@@ -185,10 +185,10 @@ def _merge(args):
 
 
 def _combine(args):
-    from .combine import apply_plan, plan
+    from .combine import apply_plan, plan_combination
     from .runs import adapter_base
     from .saving import save_adapter
-    checked = plan(args.runs, args.combine, _weights(args.weights), args.density)  # before the base loads
+    checked = plan_combination(args.runs, args.combine, _weights(args.weights), args.density)  # before the base loads
     save_adapter(apply_plan(adapter_base(args.runs[0]), checked), Path(args.out))
     print(f"{args.combine} combination of {len(args.runs)} adapters saved to {args.out} (task heads, if any, "
           f"from {args.runs[0]})")

@@ -15,6 +15,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
+from peft import PeftConfig, PeftModel, set_peft_model_state_dict
+from peft.utils import ModulesToSaveWrapper
 
 from .anatomy import AdapterInfo, adapters_of, base_model, head_weights, task_heads
 from .combinations import COMBINATIONS, EQUAL_RANKS, USE_DENSITY
@@ -45,17 +47,17 @@ class Plan:
 
 
 def combine(model, paths, combination: str, weights, density: float | None = None):
-    """The base `model` holding one adapter, the combination of the adapter folders `paths`
-    (run folders or save_adapter's), ready for save_adapter."""
-    return apply_plan(model, plan(paths, combination, weights, density))
+    """The bare base `model` (changed in place, as attach changes it) holding one adapter, the
+    combination of the adapter folders `paths` (run folders or save_adapter's), ready for save_adapter."""
+    return apply_plan(model, plan_combination(paths, combination, weights, density))
 
 
-def plan(paths, combination: str, weights, density: float | None = None) -> Plan:
+def plan_combination(paths, combination: str, weights, density: float | None = None) -> Plan:
     """The folders read and every request checked, before any model is touched."""
     _check_arguments(paths, combination, weights, density)
     sources = [_read(Path(path)) for path in paths]
     _check_same_kind(sources)
-    if _is_bottleneck(sources[0]):
+    if _is_bottleneck(sources[0].info.method):
         _check_bottlenecks(sources, combination)
     else:
         _check_loras(sources, combination)
@@ -66,7 +68,7 @@ def apply_plan(model, plan: Plan):
     if adapters_of(model):
         raise PeftkitError("combine takes the bare base model; this one already holds adapters "
                            f"{sorted(adapters_of(model))}")
-    if _is_bottleneck(plan.sources[0]):
+    if _is_bottleneck(plan.sources[0].info.method):
         return _sum_bottlenecks(model, plan)
     return _weighted_lora(model, plan)
 
@@ -94,31 +96,29 @@ def _read(path: Path) -> Source:
     return Source(path, config, adapter_info(config), read_weights(path / WEIGHTS))
 
 
-def _combinable(name: str) -> bool:
-    about = method(name)
-    return about.peft_type == "LORA" or about.tuner_module == BOTTLENECK_TUNER
+def _is_lora(name: str) -> bool:
+    return method(name).peft_type == "LORA"
 
 
-def _is_bottleneck(source: Source) -> bool:
-    return method(source.info.method).tuner_module == BOTTLENECK_TUNER
+def _is_bottleneck(name: str) -> bool:
+    return method(name).tuner_module == BOTTLENECK_TUNER
 
 
 def _check_same_kind(sources: list[Source]) -> None:
     first = sources[0]
     for source in sources:
-        if not _combinable(source.info.method):
-            lora = [m for m in METHODS if METHODS[m].peft_type == "LORA"]
-            bottleneck = [m for m in METHODS if METHODS[m].tuner_module == BOTTLENECK_TUNER]
-            raise PeftkitError(f"{source.path} is a {source.info.method} adapter, which cannot be combined; "
-                               f"combine {', '.join(lora)} adapters (any type) or {', '.join(bottleneck)} "
-                               "adapters (linear)")
+        if not (_is_lora(source.info.method) or _is_bottleneck(source.info.method)):
+            lora, bottleneck = [m for m in METHODS if _is_lora(m)], [m for m in METHODS if _is_bottleneck(m)]
+            raise PeftkitError(f"{source.path} holds {method(source.info.method).long_name} "
+                               f"({source.info.method}), which cannot be combined; combine {', '.join(lora)} "
+                               f"adapters (any combine type) or {', '.join(bottleneck)} adapters (linear)")
         if source.info.method != first.info.method:
             raise PeftkitError(f"{source.path} is a {source.info.method} adapter but {first.path} is "
                                f"{first.info.method}; combine adapters of one method")
-        _check_same_base(first, source)
         if source.info.task != first.info.task:
             raise PeftkitError(f"{source.path} is for {_task(source)} but {first.path} is for {_task(first)}; "
                                "combine adapters of one task (and the same labels)")
+        _check_same_base(first, source)
 
 
 def _check_same_base(first: Source, other: Source) -> None:
@@ -186,20 +186,13 @@ def _weighted_sum(tensors: list[torch.Tensor], weights: list[float]) -> torch.Te
 def _weighted_lora(model, plan: Plan):
     """peft's add_weighted_adapter over the adapters loaded side by side into a plain PeftModel:
     peft's task models give every adapter its own copy of the head, and then refuse to combine them."""
-    from peft import PeftConfig, PeftModel, set_peft_model_state_dict
-
-    first = plan.sources[0]
+    first, names = plan.sources[0], [f"input-{n}" for n in range(len(plan.sources))]
     check_fits(model, first.path, first.info, first.state)
-    names = [f"input-{n}" for n in range(len(plan.sources))]
-    for n, (name, source) in enumerate(zip(names, plan.sources)):
-        config = PeftConfig.from_peft_type(**{k: v for k, v in source.config.items() if k != "peftkit"})
-        config = replace(config, task_type=None, modules_to_save=config.modules_to_save if n == 0 else None)
-        if n == 0:
-            model = PeftModel(model, config, adapter_name=name)
-        else:
-            model.add_adapter(name, config)
-        state = source.state if n == 0 else {k: v for k, v in source.state.items() if "lora_" in k}
-        set_peft_model_state_dict(model, state, adapter_name=name)
+    model = PeftModel(model, _peft_config(first, modules_to_save=True), adapter_name=names[0])
+    set_peft_model_state_dict(model, first.state, adapter_name=names[0])
+    for name, source in zip(names[1:], plan.sources[1:]):
+        model.add_adapter(name, _peft_config(source, modules_to_save=False))
+        set_peft_model_state_dict(model, {k: v for k, v in source.state.items() if "lora_" in k}, adapter_name=name)
     try:
         model.add_weighted_adapter(names, plan.weights, COMBINED, combination_type=plan.combination,
                                    density=plan.density)
@@ -214,10 +207,13 @@ def _weighted_lora(model, plan: Plan):
     return model.eval()
 
 
+def _peft_config(source: Source, modules_to_save: bool):
+    config = PeftConfig.from_peft_type(**{k: v for k, v in source.config.items() if k != "peftkit"})
+    return replace(config, task_type=None, modules_to_save=config.modules_to_save if modules_to_save else None)
+
+
 def _copy_saved_modules(model, source: str, target: str) -> None:
     """peft starts the combined adapter's modules_to_save from the base's untrained modules."""
-    from peft.utils import ModulesToSaveWrapper
-
     for wrapper in model.modules():
         if isinstance(wrapper, ModulesToSaveWrapper) and source in wrapper.modules_to_save:
             wrapper.modules_to_save[target].load_state_dict(wrapper.modules_to_save[source].state_dict())
