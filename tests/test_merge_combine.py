@@ -79,6 +79,15 @@ def test_the_combined_adapter_keeps_the_first_adapters_head(tmp_path):
     assert heads and all(torch.equal(saved[key], first[key]) for key in heads)
 
 
+def test_the_bank_serves_a_combined_adapter_as_load_adapter_does(tmp_path):
+    a, b = (_saved(tmp_path, f"a{n}", _lora(r), seed=n, task="cls") for n, r in enumerate((4, 8)))
+    peftkit.save_adapter(peftkit.combine(make_tiny("llama", "cls"), [a, b], "cat", [0.5, 0.5]), tmp_path / "cat")
+    bank = peftkit.AdapterBank(make_tiny("llama", "cls"))
+    bank.load("cat", tmp_path / "cat")
+    torch.testing.assert_close(bank.forward("cat", **tiny_inputs()).logits,
+                               logits(_loaded(tmp_path / "cat", task="cls")), rtol=0, atol=1e-5)
+
+
 @pytest.mark.parametrize("name", ["houlsby", "pfeiffer", "parallel"])
 def test_bottleneck_linear_is_the_weighted_sum_of_the_weights(tmp_path, name):
     spec = {"method": name, "bottleneck_size": 8}
