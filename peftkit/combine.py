@@ -9,7 +9,7 @@ peft's linear sums LoRA's matrices. Weights are taken as given, not normalized: 
 averages two adapters, 1,1 adds them. Task heads (and anything else a LoRA saves whole,
 its modules_to_save) are never mixed: the combined adapter keeps the first adapter's, as
 heads trained from different random starts have no common coordinates to average in.
-Every check reads the folders only, so bad input fails before a base is loaded.
+plan_combination checks the request from the folders alone, so bad input fails before a base loads.
 """
 from dataclasses import dataclass, replace
 from pathlib import Path
