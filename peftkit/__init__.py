@@ -5,6 +5,7 @@
     peftkit.save_adapter(model, "out/dir")
     model = peftkit.load_adapter(base_model, "out/dir")
     merged = peftkit.merge(model)
+    model = peftkit.combine(base_model, ["runs/a", "runs/b"], "linear", [0.5, 0.5])  # one adapter of several
     bank = peftkit.AdapterBank("smollm2-135m")     # one base, many adapters, one per batch row
 """
 __version__ = "0.1.0"
@@ -32,7 +33,7 @@ warnings.filterwarnings("ignore", message="`(is_)?gradient_checkpointing(_enable
 
 # The public API, imported on first use: `peftkit --help` and `peftkit recipes` need no torch.
 _API = {"attach": "attach", "param_report": "report", "save_adapter": "saving", "load_adapter": "saving",
-        "merge": "merge", "load_model": "loading", "load_tokenizer": "loading", "PeftkitError": "errors",
+        "merge": "merge", "combine": "combine", "load_model": "loading", "load_tokenizer": "loading", "PeftkitError": "errors",
         "AdapterBank": "bank"}
 __all__ = list(_API)
 

@@ -3,9 +3,11 @@ import argparse
 import json
 import os
 import sys
+import textwrap
 from pathlib import Path
 
 from .bench import add_bench_parser, run_bench
+from .combinations import COMBINATIONS
 from .errors import PeftkitError
 from .presets import QUANTIZE
 
@@ -60,9 +62,22 @@ def main(argv=None) -> int:
     p.add_argument("--max-input-tokens", type=int, default=8192,
                    help="most tokens of text one classify or answer request may send")
 
-    p = commands.add_parser("merge", help="fold a LoRA run into its base and save a plain model")
-    p.add_argument("run")
-    p.add_argument("--out", required=True)
+    p = commands.add_parser("merge", help="fold a LoRA run into its base and save a plain model; or, with "
+                                          "--combine, make one adapter of several",
+                            formatter_class=argparse.RawDescriptionHelpFormatter,
+                            epilog="combine types (LoRA; bottleneck adapters take linear only):\n" + "\n".join(
+                                textwrap.fill(what, 96, initial_indent=f"  {name:<12} ", subsequent_indent=" " * 15)
+                                for name, what in COMBINATIONS.items()))
+    p.add_argument("runs", nargs="+", metavar="RUN",
+                   help="a run folder (or, with --combine, two or more run or adapter folders)")
+    p.add_argument("--out", required=True, help="the merged model's folder, or the combined adapter's")
+    p.add_argument("--combine", metavar="TYPE",
+                   help=f"combine the adapters into one instead: {', '.join(COMBINATIONS)} for LoRA "
+                        "(peft's add_weighted_adapter), linear for bottleneck adapters")
+    p.add_argument("--weights", metavar="W1,W2,...", help="one weight per adapter, taken as given (0.5,0.5 "
+                                                          "averages, 1,1 adds; --weights=-1,1 to subtract)")
+    p.add_argument("--density", type=float, help="share of each matrix ties, dare_ties and dare_linear keep, "
+                                                 "in (0, 1]")
 
     commands.add_parser("presets", help="list the method presets in adapters/")
     commands.add_parser("recipes", help="list the shipped recipes")
@@ -159,9 +174,31 @@ def _named(items: list[str]) -> dict:
 
 
 def _merge(args):
+    if args.combine is not None:
+        return _combine(args)
+    if len(args.runs) > 1 or args.weights is not None or args.density is not None:
+        raise PeftkitError(f"merge folds one run into its base; to make one adapter of several give "
+                           f"--combine TYPE ({', '.join(COMBINATIONS)}) and --weights")
     from .runs import open_run
-    open_run(args.run).merge(Path(args.out))
+    open_run(args.runs[0]).merge(Path(args.out))
     print(f"merged model saved to {args.out}")
+
+
+def _combine(args):
+    from .combine import apply_plan, plan_combination
+    from .runs import adapter_base
+    from .saving import save_adapter
+    checked = plan_combination(args.runs, args.combine, _weights(args.weights), args.density)  # before the base loads
+    save_adapter(apply_plan(adapter_base(args.runs[0]), checked), Path(args.out))
+    print(f"{args.combine} combination of {len(args.runs)} adapters saved to {args.out} (task heads, if any, "
+          f"from {args.runs[0]})")
+
+
+def _weights(text: str | None) -> list[float]:
+    try:
+        return [float(w) for w in text.split(",")] if text else []
+    except ValueError:
+        raise PeftkitError(f"--weights {text!r} must be numbers separated by commas, e.g. 0.5,0.5") from None
 
 
 def _presets(args):

@@ -68,10 +68,28 @@ def open_run(path) -> Run:
     recipe = run_recipe(path)
     task = (config.get("peftkit") or {}).get("task", {})
     spec = resolve_spec(recipe.method, recipe.quantize)
-    extra = {"num_labels": task["num_labels"], "id2label": {int(k): v for k, v in task["id2label"].items()}} \
-        if "num_labels" in task else {}
     tokenizer = load_tokenizer(recipe.model)
     base = load_model(recipe.model, task=task.get("class", task_module(recipe.task).MODEL_TASK),
-                      quantize=spec.quantize, pad_token_id=tokenizer.pad_token_id, **extra,
+                      quantize=spec.quantize, pad_token_id=tokenizer.pad_token_id, **_labels(task),
                       **recipe.model_config)
     return Run(path, recipe, load_adapter(base, path), tokenizer)
+
+
+def adapter_base(path):
+    """The full-precision base the adapter folder at `path` was trained on, bare: its run's model
+    (recipe.yaml) or else the base its record names."""
+    path = Path(path)
+    record = read_adapter_config(path).get("peftkit") or {}
+    task = record.get("task", {})
+    if (path / "recipe.yaml").is_file():
+        recipe = run_recipe(path)
+        return load_model(recipe.model, task=task.get("class", task_module(recipe.task).MODEL_TASK),
+                          **_labels(task), **recipe.model_config)
+    return load_model(record.get("base_name", "unknown"), task=task.get("class", "causal-lm"), **_labels(task))
+
+
+def _labels(task: dict) -> dict:
+    """The label settings a classification head was trained with, for its base's config."""
+    if "num_labels" not in task:
+        return {}
+    return {"num_labels": task["num_labels"], "id2label": {int(k): v for k, v in task["id2label"].items()}}

@@ -103,6 +103,27 @@ def load_adapter(model, path, name: str | None = None, trainable: bool = False):
     name = name or saved_name or ("default" if not adapters_of(model) else Path(path).name)
     if name in adapters_of(model):
         raise PeftkitError(f"the model already holds an adapter named {name!r}; pass another name=")
+    check_fits(model, path, info, state)
+    existing = adapters_of(model)
+    base = base_model(model)
+    keep_standard_4bit_layout(base)  # as attach does: a user-loaded 4-bit base must not repack on CPU
+    if method(info.method).peft_native:
+        peft_config = PeftConfig.from_peft_type(**{k: v for k, v in config.items() if k != "peftkit"})
+        if isinstance(model, PeftModel):
+            model.load_adapter(str(path), adapter_name=name, is_trainable=trainable)
+            model.set_adapter(name)
+        else:
+            model = PeftModel.from_pretrained(model, str(path), adapter_name=name, is_trainable=trainable,
+                                              config=peft_config)
+    else:
+        _load_own(model, name, info, state, trainable)
+    model.peftkit_adapters = {**existing, name: info}
+    return model.train(trainable)
+
+
+def check_fits(model, path: Path, info: AdapterInfo, state: dict) -> None:
+    """The adapter at `path` (its record `info`, its weights `state`) was trained on this base, for
+    this task, and brings weights for every task head."""
     base = base_model(model)
     if info.task.get("class") and info.task["class"] != type(base).__name__:
         raise PeftkitError(
@@ -126,20 +147,6 @@ def load_adapter(model, path, name: str | None = None, trainable: bool = False):
                            f"{type(base).__name__} predicts with its trained head only (peft saves it with "
                            f"modules_to_save={missing})")
     _check_heads(base, heads)
-    existing = adapters_of(model)
-    keep_standard_4bit_layout(base)  # as attach does: a user-loaded 4-bit base must not repack on CPU
-    if method(info.method).peft_native:
-        peft_config = PeftConfig.from_peft_type(**{k: v for k, v in config.items() if k != "peftkit"})
-        if isinstance(model, PeftModel):
-            model.load_adapter(str(path), adapter_name=name, is_trainable=trainable)
-            model.set_adapter(name)
-        else:
-            model = PeftModel.from_pretrained(model, str(path), adapter_name=name, is_trainable=trainable,
-                                              config=peft_config)
-    else:
-        _load_own(model, name, info, state, trainable)
-    model.peftkit_adapters = {**existing, name: info}
-    return model.train(trainable)
 
 
 def read_adapter_config(path: Path) -> dict:

@@ -14,3 +14,10 @@ def test_the_python_api_block_runs_verbatim(tmp_path, monkeypatch, capsys):
     assert (tmp_path / "out" / "sentiment" / "adapter_model.safetensors").is_file()
     assert "trainable" in capsys.readouterr().out
     assert type(namespace["merged"]).__name__ == "BertForSequenceClassification"
+
+
+def test_every_combine_type_is_described():
+    from peftkit.combinations import COMBINATIONS
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("### Combining adapters"):]
+    assert [name for name in COMBINATIONS if f"* `{name}`: " not in section] == []
