@@ -64,7 +64,7 @@ def main(argv=None) -> int:
 def write(stem: Path, meta: dict, rows: list[dict]) -> None:
     atomic_write(stem.with_suffix(".json"), json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
     by = {(r["variant"], r["length"], r["batch"]): r for r in rows}
-    out = [f"# Training cost against sequence length and batch size", "",
+    out = ["# Training cost against sequence length and batch size", "",
            f"Machine: **{meta['machine']}** ({meta['device']}), torch {meta['torch']}, {meta['threads']} threads; "
            f"{meta['date']}.", "", f"Regenerate: `{meta['command']}`", "",
            "peftkit LoRA (the topic recipe's, at its defaults) and `reference-tuned` (peft + Trainer with length "

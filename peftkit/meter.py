@@ -38,11 +38,22 @@ class Meter(TrainerCallback):
     # -- hooks on the model
 
     def watch(self, model) -> None:
-        """Count every training forward of `model` (the module the Trainer calls)."""
+        """Count every training forward of `model` (the module the Trainer calls). Linear layers inside a
+        transformer block are counted by one hook on the block, from its input: every position of a block
+        passes through each of its linears, and a hook on every linear would sit inside the block's
+        compiled code (train.compile) and cost it its gain."""
+        from .compiling import blocks_of
+
         self._handles.append(model.register_forward_pre_hook(self._batch_starts, with_kwargs=True))
         self._handles.append(model.register_forward_hook(self._batch_ends))
+        blocks = blocks_of(model)
+        nested = {id(m) for block in blocks for m in block.modules() if m is not block}
+        blocks = [block for block in blocks if id(block) not in nested]  # the outermost: none counted twice
+        inside = {id(m) for block in blocks for m in block.modules()}
+        for block in blocks:
+            self._handles.append(block.register_forward_pre_hook(self._block, with_kwargs=True))
         for module in model.modules():
-            if isinstance(module, torch.nn.Linear):  # bitsandbytes' 4/8-bit layers are Linear subclasses
+            if isinstance(module, torch.nn.Linear) and id(module) not in inside:  # bitsandbytes' 4/8-bit layers are Linear subclasses
                 self._handles.append(module.register_forward_hook(self._linear))
 
     def unwatch(self) -> None:
@@ -68,14 +79,24 @@ class Meter(TrainerCallback):
         self._counting = False
 
     def _linear(self, module, args, output):
+        if self._counting:
+            self._count(module, args[0].numel() // module.in_features)
+
+    def _block(self, block, args, kwargs):
         if not self._counting:
             return
-        rows = args[0].numel() // module.in_features
+        hidden = args[0] if args else kwargs["hidden_states"]
+        rows = hidden.numel() // hidden.shape[-1]
+        for module in block.modules():
+            if isinstance(module, torch.nn.Linear):
+                self._count(module, rows)
+
+    def _count(self, linear, rows: int) -> None:
         if rows == self._positions:  # a layer every position goes through: padding is not useful work
             rows = self._real
-        weight_trains = module.weight.requires_grad
+        weight_trains = linear.weight.requires_grad
         # forward 2, backward to the input 2, and 2 more where the weight's own gradient is computed
-        self.flops += (4 + 2 * weight_trains) * module.in_features * module.out_features * rows
+        self.flops += (4 + 2 * weight_trains) * linear.in_features * linear.out_features * rows
 
     # -- Trainer callbacks
 

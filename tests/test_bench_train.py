@@ -10,6 +10,7 @@ import peftkit
 from peftkit.bench.benchfile import load_bench, recipe_for
 from peftkit.bench.train import run
 from peftkit.errors import PeftkitError
+from peftkit.compiling import blocks_of
 from peftkit.meter import Meter
 from conftest import BERT, make_tiny, tiny_inputs
 
@@ -90,6 +91,9 @@ def test_meter_counts_model_flops_of_real_tokens_only_during_training_forwards()
     model = peftkit.attach(make_tiny("bert", "cls"), "lora")
     meter = Meter()
     meter.watch(model)
+    # no hook inside a transformer block, where it would sit in train.compile's compiled code
+    assert not any(m._forward_hooks or m._forward_pre_hooks for block in blocks_of(model)
+                   for m in block.modules() if m is not block)
     batch = tiny_inputs(batch=2, length=10)  # one row has 3 padding positions
     model.train()
     model(**batch)
