@@ -69,6 +69,10 @@ def _restore_peft(model, name: str, folder: Path, state: dict) -> None:
     from peft import set_peft_model_state_dict
 
     config = _read_json(folder / CONFIG)
+    if config.get("peft_type") == "P_TUNING":
+        # the checkpoint holds the prompt p-tuning's encoder made, not the encoder: from here on the model
+        # serves that prompt as it is, as peft serves a loaded p-tuning adapter
+        model.peft_config[name].inference_mode = True
     pattern = config.get("rank_pattern") if config.get("peft_type") == "ADALORA" else None  # LoRA's: per-layer r
     if pattern is None:
         set_peft_model_state_dict(model, state, adapter_name=name)
