@@ -115,7 +115,9 @@ def answer_loss(model, inputs: dict, num_items_in_batch=None) -> torch.Tensor:
     transformers applies the output layer at every position and then ignores all but the answer's:
     with a 49k vocabulary and ~150-token prompts that logits tensor, its softmax and its gradient
     are most of a step's activation memory and about a quarter of its time. A pre-hook hands the
-    output layer the answer-predicting hidden states alone; the loss is the same number.
+    output layer the answer-predicting hidden states alone; the loss is the same number. Prompt learning
+    (peft's prompt tuning, p-tuning) prepends its virtual tokens to the input, so the hidden states are
+    longer than the labels by those positions, which predict no answer token.
     Sum over tokens divided by `num_items_in_batch` (the Trainer's count over the accumulated
     batch, as transformers normalizes), or the mean when it is not given.
     """
@@ -124,7 +126,7 @@ def answer_loss(model, inputs: dict, num_items_in_batch=None) -> torch.Tensor:
     keep = torch.zeros_like(labels, dtype=torch.bool)
     keep[:, :-1] = targets != IGNORE
     head = extract_model_from_parallel(model).get_output_embeddings()  # under DDP `model` is its wrapper
-    handle = head.register_forward_pre_hook(lambda module, args: (args[0][keep],))
+    handle = head.register_forward_pre_hook(lambda module, args: (args[0][_behind_prompt(keep, args[0])],))
     try:
         # no KV cache: transformers builds one whenever use_cache is on (the config's default), a
         # concatenation per layer per step that training never reads
@@ -134,6 +136,11 @@ def answer_loss(model, inputs: dict, num_items_in_batch=None) -> torch.Tensor:
     total = torch.nn.functional.cross_entropy(logits.float(), targets[targets != IGNORE], reduction="sum")
     count = num_items_in_batch if num_items_in_batch is not None else keep.sum()
     return total / count
+
+
+def _behind_prompt(keep: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+    """`keep` (batch x tokens) for hidden states that may start with virtual tokens: those are kept out."""
+    return torch.cat((keep.new_zeros(keep.shape[0], hidden.shape[1] - keep.shape[1]), keep), dim=1)
 
 
 def check_lengths(recipe, template: ChatPrompt, longest_answer: int) -> None:
