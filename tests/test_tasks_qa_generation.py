@@ -299,6 +299,26 @@ def test_answer_loss_equals_the_full_logits_loss(method):
 
 
 @pytest.mark.parametrize("method", ["prompt_tuning", "p_tuning"])
+def test_prompt_learning_generates_what_full_forward_passes_predict(chat_tokenizer, method):
+    """Greedy answers of a prompt-learning model are those of argmax over full forward passes (peft's
+    cached steps under transformers 5 are not)."""
+    model = attach(_tiny_chat_lm(len(chat_tokenizer)), method)
+    recipe = _recipe("generation", max_length=96, max_new_tokens=5, eval_batch_size=2)
+    prompts = ["Shares rose.", "Rain fell on the league's football grounds all week."]
+    expected = []
+    for prompt in prompts:
+        ids = torch.tensor([generation.ChatPrompt(chat_tokenizer, HEADLINE).encode(prompt, 96 - 5)])
+        start = ids.shape[1]
+        for _ in range(5):
+            with torch.no_grad():
+                ids = torch.cat([ids, model(input_ids=ids).logits[:, -1:].argmax(-1)], dim=1)
+            if ids[0, -1] == chat_tokenizer.eos_token_id:
+                break
+        expected.append(chat_tokenizer.decode(ids[0, start:], skip_special_tokens=True).strip())
+    assert generation.generate(model, chat_tokenizer, prompts, recipe) == expected
+
+
+@pytest.mark.parametrize("method", ["prompt_tuning", "p_tuning"])
 def test_answer_loss_of_a_prompt_learning_model_is_the_answer_tokens_cross_entropy(method):
     """peft prepends the virtual tokens: the loss reads the answer tokens' logits, behind the prompt."""
     model = attach(_tiny_chat_lm(64), {"method": method, "num_virtual_tokens": 5}).eval()
@@ -351,7 +371,8 @@ def test_end_to_end_headlines_prompt_tuning(tmp_path):
     from peftkit.train import train
     recipe = load_recipe("recipes/headlines-lora.yaml", [
         "method=prompt_tuning", "data.max_train_samples=4", "data.max_eval_samples=2", "train.max_steps=2",
-        "train.batch_size=4", "train.max_new_tokens=4", "train.max_length=128", f"output_dir={tmp_path}"])
+        "train.batch_size=4", "train.max_new_tokens=4", "train.max_length=128", "train.logging_steps=1",
+        f"output_dir={tmp_path}"])
     run_dir = train(recipe)
     run = _check_run(run_dir, ["rouge_l", "exact_match"])
     metrics = json.loads((run_dir / "metrics.json").read_text())

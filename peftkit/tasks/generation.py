@@ -14,7 +14,9 @@ from accelerate.utils import extract_model_from_parallel
 from datasets import ClassLabel
 from tqdm.auto import tqdm
 
+from ..anatomy import adapters_of
 from ..errors import PeftkitError
+from ..methods import method
 from . import Prepared
 from .qa import normalize_answer
 
@@ -222,13 +224,21 @@ def generate(model, tokenizer, prompts, recipe, desc="generating") -> list[str]:
             batch = collate([{"input_ids": encoded[i], "attention_mask": [1] * len(encoded[i])} for i in index])
             batch = {k: v.to(model.device) for k, v in batch.items()}
             out = model.generate(**batch, max_new_tokens=t.max_new_tokens, do_sample=False,
-                                 pad_token_id=tokenizer.pad_token_id, eos_token_id=sorted(eos))
+                                 pad_token_id=tokenizer.pad_token_id, eos_token_id=sorted(eos),
+                                 use_cache=_cache_works(model))
             new = out[:, batch["input_ids"].shape[1]:]
             for i, text in zip(index, tokenizer.batch_decode(new, skip_special_tokens=True)):
                 outputs[i] = text.strip()
     finally:
         model.train(was_training)
     return outputs
+
+
+def _cache_works(model) -> bool:
+    """Whether `model` generates right from a KV cache. peft's prompt learning (prompt tuning, p-tuning)
+    under transformers 5 does not: from the second new token on, its cached steps predict other tokens than
+    a full forward pass over the same text, so it generates without one (each step reads the whole text)."""
+    return not any(method(info.method).prepends_tokens for info in adapters_of(model).values())
 
 
 # ---------------------------------------------------------------------------------------------
