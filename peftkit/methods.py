@@ -29,6 +29,9 @@ class Method:
     peft_type: str = ""  # peft's name for it (PeftType), for peft-native methods: how a plain peft folder says so
     rank_schedule: bool = False  # reallocates its ranks as it trains (AdaLoRA): peft's update_and_allocate runs
     # after each optimizer step, on a budget schedule over total_step optimizer steps
+    prepends_tokens: bool = False  # prompt learning: every input grows by num_virtual_tokens positions, which
+    # must fit the model's position limit (the tuner's check_room)
+    why_no_resume: str = ""  # `peftkit train --resume`'s refusal, for methods whose checkpoints cannot go on training
 
     @property
     def tuner(self):
@@ -45,12 +48,19 @@ class Method:
             return {**options, "total_step": steps}
         return options
 
+    def check_input_length(self, options: dict, model, length: int, length_name: str) -> None:
+        """Refuse inputs of `length` tokens (as the option `length_name` allows) that the method would
+        push past the model's position limit."""
+        if self.prepends_tokens:
+            self.tuner.check_room(self.name, options, model, length, length_name)
+
     def config(self, options: dict, model, heads: list[str]):
         """The tuner's config for `model` (whose task heads stay trainable)."""
         return self.tuner.build_config(self.name, options, model, heads)
 
 
 _ADDS_COMPUTATION = "it adds computation of its own rather than a weight update (use load_adapter for inference)"
+_PROMPT = "it prepends learned embeddings to every input, which no base weight can hold (use load_adapter)"
 _BOTTLENECK = dict(tuner_module="peftkit.tuners.bottleneck", peft_native=False, mergeable=False,
                    quantized_base=True, gradient_checkpointing=True, bank_rows=True,
                    why_not_mergeable="a bottleneck adapter is a small network between layers: " + _ADDS_COMPUTATION)
@@ -79,7 +89,18 @@ METHODS = {m.name: m for m in (
     Method("ln_tuning", "LN tuning", "peftkit.tuners.peft_layers", peft_native=True, mergeable=True,
            quantized_base=True, gradient_checkpointing=True, bank_rows=False, peft_type="LN_TUNING"),  # Qi et al. 2022
     Method("adalora", "AdaLoRA", "peftkit.tuners.peft_layers", peft_native=True, mergeable=True, quantized_base=True,
-           gradient_checkpointing=True, bank_rows=False, peft_type="ADALORA", rank_schedule=True),  # Zhang et al. 2023
+           gradient_checkpointing=True, bank_rows=False, peft_type="ADALORA", rank_schedule=True,
+           why_no_resume="reallocates ranks by importance scores it gathers while training, which a checkpoint "
+                         "does not hold (its weights are saved cut to the ranks kept), so the run cannot go on "
+                         "where it stopped"),  # Zhang et al. 2023
+    # peft's prompt learning: learned embeddings prepended to the input, on causal LMs and encoder classifiers
+    Method("prompt_tuning", "prompt tuning", "peftkit.tuners.prompt", peft_native=True, mergeable=False,
+           quantized_base=True, gradient_checkpointing=True, bank_rows=False, peft_type="PROMPT_TUNING",
+           prepends_tokens=True, why_not_mergeable=_PROMPT),  # Lester et al. 2021
+    Method("p_tuning", "p-tuning", "peftkit.tuners.prompt", peft_native=True, mergeable=False, quantized_base=True,
+           gradient_checkpointing=True, bank_rows=False, peft_type="P_TUNING", prepends_tokens=True,
+           why_not_mergeable=_PROMPT,  # Liu et al. 2021
+           why_no_resume="saves the prompt its encoder made, not the encoder, so the run cannot go on training it"),
     Method("prefix", "prefix tuning", "peftkit.tuners.prefix", peft_native=False, mergeable=False, quantized_base=True,
            gradient_checkpointing=False, bank_rows=True,  # Li & Liang 2021
            why_not_mergeable="prefix tuning adds key/value slots to attention: " + _ADDS_COMPUTATION,

@@ -69,6 +69,10 @@ def _restore_peft(model, name: str, folder: Path, state: dict) -> None:
     from peft import set_peft_model_state_dict
 
     config = _read_json(folder / CONFIG)
+    if config.get("peft_type") == "P_TUNING":
+        # the checkpoint holds the prompt p-tuning's encoder made, not the encoder: from here on the model
+        # serves that prompt as it is, as peft serves a loaded p-tuning adapter
+        model.peft_config[name].inference_mode = True
     pattern = config.get("rank_pattern") if config.get("peft_type") == "ADALORA" else None  # LoRA's: per-layer r
     if pattern is None:
         set_peft_model_state_dict(model, state, adapter_name=name)
@@ -138,8 +142,7 @@ def check_fits(model, path: Path, info: AdapterInfo, state: dict) -> None:
         logging.getLogger("peftkit").warning(
             f"peftkit: {path} records no base fingerprint (saved by peft, not peftkit); it names base "
             f"{info.base_name!r}, and only its layer shapes were checked against {base_name(base)!r}")
-    # peft keys read base_model.model.<module>...; heads are the keys under a task head
-    heads = {k.removeprefix("base_model.model."): v for k, v in state.items()}
+    heads = {_module_key(k): v for k, v in state.items()}
     heads = {k: v for k, v in head_weights(heads, task_heads(base)).items() if "lora_" not in k}
     missing = [head for head in task_heads(base) if not any(k.split(".")[0] == head for k in heads)]
     if missing:  # loading would leave the head as initialized: random predictions, no error
@@ -147,6 +150,15 @@ def check_fits(model, path: Path, info: AdapterInfo, state: dict) -> None:
                            f"{type(base).__name__} predicts with its trained head only (peft saves it with "
                            f"modules_to_save={missing})")
     _check_heads(base, heads)
+
+
+def _module_key(key: str) -> str:
+    """A key of a peft file as the base model names it: peft's layer methods save base_model.model.<module>...,
+    its prompt learning (which wraps the model once less) base_model.<module>...; peftkit's own keys are bare."""
+    for prefix in ("base_model.model.", "base_model."):
+        if key.startswith(prefix):
+            return key.removeprefix(prefix)
+    return key
 
 
 def read_adapter_config(path: Path) -> dict:

@@ -74,6 +74,7 @@ def set_up(recipe: Recipe, processes: int = 1) -> Setup:
     model = load_model(recipe.model, task=task.MODEL_TASK, quantize=spec.quantize,
                        matmul_dtype=torch.bfloat16 if precision == "bf16" else torch.float32,
                        **prepared.model_kwargs, **recipe.model_config)
+    spec.about.check_input_length(spec.options, model, recipe.train.max_length, "train.max_length")
     attention = choose_attention(model, precision, recipe.train.batch_size, recipe.train.max_length)
     return Setup(task, tokenizer, splits, prepared, model, spec, precision, attention, steps, eval_steps)
 
@@ -139,10 +140,8 @@ def train(recipe: Recipe, resume: bool = False, test: bool = True) -> Path:
     check_trackers(recipe.train.report_to)
     _check_not_sharded()
     spec = resolve_spec(recipe.method, recipe.quantize)
-    if resume and spec.about.rank_schedule:
-        raise PeftkitError(f"--resume: {spec.method} reallocates ranks by importance scores it gathers while "
-                           "training, which a checkpoint does not hold (its weights are saved cut to the ranks "
-                           "kept), so the run cannot go on where it stopped; start it again without --resume")
+    if resume and spec.about.why_no_resume:
+        raise PeftkitError(f"--resume: {spec.method} {spec.about.why_no_resume}; start it again without --resume")
     # this process's place among those launched (one without a launcher); on a CPU accelerate joins
     # the launcher's processes only when told it runs on the CPU
     processes = PartialState(cpu=not torch.cuda.is_available())

@@ -24,7 +24,8 @@ from peftkit.tuners.peft_layers import NO_CONV1D
 from peftkit.errors import PeftkitError
 
 ARCHS = {"bert": BERT, "llama": LLAMA, "gpt2": GPT2}
-METHODS = ["lora", "houlsby", "pfeiffer", "parallel", "prefix"]  # the methods with a closed-form count below
+METHODS = ["lora", "houlsby", "pfeiffer", "parallel", "prefix", "prompt_tuning", "p_tuning"]  # the methods
+# with a closed-form count below
 
 
 @pytest.fixture
@@ -59,6 +60,12 @@ def prefix_count(tokens, layers, token_dim, projection, encoder_hidden=None):
     return tokens * token_dim + (token_dim * h + h) + (h * out + out)
 
 
+def prompt_count(tokens, width, encoder_hidden=None):
+    """peft's prompt: tokens x width embeddings; p-tuning's MLP encoder width -> h -> h -> width (with biases)."""
+    h = encoder_hidden
+    return tokens * width + ((width * h + h) + (h * h + h) + (h * width + width) if h else 0)
+
+
 def expected_tiny(arch, method):
     """Trainable parameters of a preset on the tiny conftest models (default task)."""
     c = ARCHS[arch]
@@ -84,6 +91,8 @@ def expected_tiny(arch, method):
         "pfeiffer": bottleneck_count(hidden, b, layers),
         "parallel": bottleneck_count(hidden, b, layers),
         "prefix": prefix_count(20, layers, token_dim, projection=True),
+        "prompt_tuning": prompt_count(20, hidden),  # the presets: 20 tokens, p-tuning's encoder 128 wide
+        "p_tuning": prompt_count(20, hidden, encoder_hidden=128),
     }[method]
 
 
@@ -96,8 +105,8 @@ def test_counts_match_formulas(arch, config_file):
     for row in rows:
         assert row["trainable"] == expected_tiny(arch, row["method"]), row
         assert row["ratio"] == row["trainable"] / row["total"]
-        # the head is part of the base; LoRA (peft) trains a copy of it beside the frozen original
-        assert row["total"] == base + row["trainable"] - (0 if row["method"] == "lora" else head)
+        # the head is part of the base; peft (LoRA, prompt learning) trains a copy of it beside the frozen original
+        assert row["total"] == base + row["trainable"] - (0 if REGISTRY[row["method"]].peft_native else head)
 
 
 def test_prefix_without_projection_and_gqa(config_file, tmp_path):
@@ -118,6 +127,11 @@ def test_meta_counts_equal_real_attach_and_real_files(arch, task, method, config
     path = config_file(arch)
     if method in NO_CONV1D and arch == "gpt2":  # peft's LyCORIS and OFT layers take no Conv1D
         with pytest.raises(PeftkitError, match=f"{method} cannot adapt .*Conv1D"):
+            param_table(path, [method], task=task)
+        return
+    if REGISTRY.get(method) and REGISTRY[method].prepends_tokens and (task == "qa" or arch != "bert" and
+                                                                       task == "classification"):
+        with pytest.raises(PeftkitError, match=f"cannot attach '{method}' .*: {method} does not work on a "):
             param_table(path, [method], task=task)
         return
     if method == "boft":
@@ -147,7 +161,11 @@ def test_meta_counts_equal_real_attach_and_real_files(arch, task, method, config
     # loading needs no replay of its PRNG
     shared = sum(t.numel() for k, t in state.items() if k.rsplit(".", 1)[-1] in ("vera_A", "vera_B"))
     assert shared > 0 if method == "vera" else shared == 0
-    assert sum(t.numel() for t in state.values()) - shared == row["trainable"]
+    # p-tuning's file holds the prompt its encoder made (virtual tokens x width), not the encoder it trains
+    encoder = sum(p.numel() for n, p in model.named_parameters() if p.requires_grad and "_head." in n
+                  and n.startswith("prompt_encoder."))
+    assert encoder > 0 if method == "p_tuning" else encoder == 0
+    assert sum(t.numel() for t in state.values()) - shared == row["trainable"] - encoder
     bf16 = tmp_path / "bf16.safetensors"
     save_file({k: v.to(torch.bfloat16) for k, v in state.items()}, str(bf16), metadata={"format": "pt"})
     assert row["bf16_bytes"] == bf16.stat().st_size
@@ -207,9 +225,13 @@ def test_llama_2_70b_is_counted_on_the_meta_device_without_memory():
     assert rows["prefix"]["trainable"] == prefix_count(20, layers, kv_dim, projection=True)
     shared = {"vera": 256 * (hidden + hidden)}  # VeRA's file also holds its shared projections, r x in and out x r
     frozen = {"adalora": 2 * layers}  # AdaLoRA keeps each layer's rank count as a frozen parameter
+    # p-tuning saves the 20 x 8192 prompt its encoder made, not the encoder
+    encoder = {"p_tuning": prompt_count(20, hidden, encoder_hidden=128) - prompt_count(20, hidden)}
+    assert rows["prompt_tuning"]["trainable"] == prompt_count(20, hidden)
+    assert rows["p_tuning"]["trainable"] == prompt_count(20, hidden, encoder_hidden=128)
     for method, row in rows.items():
         assert row["total"] == row["base_params"] + row["trainable"] + frozen.get(method, 0)
-        saved = row["trainable"] + shared.get(method, 0)
+        saved = row["trainable"] + shared.get(method, 0) - encoder.get(method, 0)
         header = row["fp32_bytes"] - 4 * saved  # 8-byte length + JSON header
         assert 8 < header < 200 * row["tensors"] and header % 8 == 0
         assert 8 < row["bf16_bytes"] - 2 * saved < 200 * row["tensors"]

@@ -55,7 +55,9 @@ def test_every_registered_method_attaches_trains_saves_and_loads(tmp_path, name,
     frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
     assert not any(k in frozen for k in changed), "a frozen weight moved"
     expected = logits(model, inputs)
-    assert not torch.allclose(expected, logits(make_tiny(arch, task), inputs)), "the adapter does nothing"
+    plain = logits(make_tiny(arch, task), inputs)
+    # a causal LM under prompt learning has logits at its virtual tokens' positions too, before the input's
+    assert not torch.allclose(expected[:, -plain.shape[1]:], plain), "the adapter does nothing"
 
     peftkit.save_adapter(model, tmp_path / name)
     loaded = peftkit.load_adapter(make_tiny(arch, task), tmp_path / name)

@@ -247,7 +247,7 @@ def _tiny_chat_lm(vocab_size):
     return LlamaForCausalLM(config).eval()
 
 
-@pytest.mark.parametrize("method", ["lora", "houlsby", "prefix"])
+@pytest.mark.parametrize("method", ["lora", "houlsby", "prefix", "prompt_tuning", "p_tuning"])
 def test_generation_batched_left_padding_matches_one_by_one(chat_tokenizer, method):
     """Greedy answers do not depend on the batch (left padding is masked), on a LoRA PeftModel
     and on peftkit's own adapters alike; prompts longer than max_length are cut."""
@@ -261,7 +261,7 @@ def test_generation_batched_left_padding_matches_one_by_one(chat_tokenizer, meth
     assert len(chat_tokenizer(batched[0], add_special_tokens=False)["input_ids"]) <= 6 + 1
 
 
-@pytest.mark.parametrize("method", ["lora", "prefix"])
+@pytest.mark.parametrize("method", ["lora", "prefix", "prompt_tuning", "p_tuning"])
 def test_answer_loss_equals_the_full_logits_loss(method):
     """The training loss that computes logits at answer positions only is transformers' causal-LM
     loss, value and gradients, with padding and rows of different answer lengths."""
@@ -298,6 +298,42 @@ def test_answer_loss_equals_the_full_logits_loss(method):
     torch.testing.assert_close(scaled, expected / 4, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("method", ["prompt_tuning", "p_tuning"])
+def test_prompt_learning_generates_what_full_forward_passes_predict(chat_tokenizer, method):
+    """Greedy answers of a prompt-learning model are those of argmax over full forward passes (peft's
+    cached steps under transformers 5 are not)."""
+    model = attach(_tiny_chat_lm(len(chat_tokenizer)), method)
+    recipe = _recipe("generation", max_length=96, max_new_tokens=5, eval_batch_size=2)
+    prompts = ["Shares rose.", "Rain fell on the league's football grounds all week."]
+    expected = []
+    for prompt in prompts:
+        ids = torch.tensor([generation.ChatPrompt(chat_tokenizer, HEADLINE).encode(prompt, 96 - 5)])
+        start = ids.shape[1]
+        for _ in range(5):
+            with torch.no_grad():
+                ids = torch.cat([ids, model(input_ids=ids).logits[:, -1:].argmax(-1)], dim=1)
+            if ids[0, -1] == chat_tokenizer.eos_token_id:
+                break
+        expected.append(chat_tokenizer.decode(ids[0, start:], skip_special_tokens=True).strip())
+    assert generation.generate(model, chat_tokenizer, prompts, recipe) == expected
+
+
+@pytest.mark.parametrize("method", ["prompt_tuning", "p_tuning"])
+def test_answer_loss_of_a_prompt_learning_model_is_the_answer_tokens_cross_entropy(method):
+    """peft prepends the virtual tokens: the loss reads the answer tokens' logits, behind the prompt."""
+    model = attach(_tiny_chat_lm(64), {"method": method, "num_virtual_tokens": 5}).eval()
+    ids = torch.randint(3, 64, (2, 9), generator=torch.Generator().manual_seed(0))
+    labels = ids.clone()
+    labels[:, :6] = -100
+    with torch.no_grad():
+        full = model(input_ids=ids).logits  # 5 + 9 positions
+        got = generation.answer_loss(model, {"input_ids": ids, "labels": labels})
+    assert full.shape[1] == 14
+    predicting = full[:, 5:-1]  # the positions of the real tokens, each predicting the next one
+    expected = nn.functional.cross_entropy(predicting[:, 5:].reshape(-1, 64), ids[:, 6:].reshape(-1))
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+
+
 # ------------------------------------------------------------------------------ end to end
 
 def _check_run(run_dir, metric_keys):
@@ -327,5 +363,22 @@ def test_end_to_end_headlines_lora(tmp_path):
         "data.max_train_samples=4", "data.max_eval_samples=2", "train.max_steps=1", "train.batch_size=4",
         "train.max_new_tokens=4", "train.max_length=128", f"output_dir={tmp_path}"])
     run = _check_run(train(recipe), ["rouge_l", "exact_match"])
+    [row] = run.predict([{"article": "The Bank of England kept interest rates at 4.75% on Thursday."}])
+    assert set(row) == {"output"} and isinstance(row["output"], str)
+
+
+def test_end_to_end_headlines_prompt_tuning(tmp_path):
+    from peftkit.train import train
+    recipe = load_recipe("recipes/headlines-lora.yaml", [
+        "method=prompt_tuning", "data.max_train_samples=4", "data.max_eval_samples=2", "train.max_steps=2",
+        "train.batch_size=4", "train.max_new_tokens=4", "train.max_length=128", "train.logging_steps=1",
+        f"output_dir={tmp_path}"])
+    run_dir = train(recipe)
+    run = _check_run(run_dir, ["rouge_l", "exact_match"])
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["trainable_params"] == 20 * 576  # 20 virtual tokens of SmolLM2-135M's width, nothing else
+    losses = [json.loads(line)["loss"] for line in (run_dir / "train_log.jsonl").read_text().splitlines()
+              if "loss" in json.loads(line)]
+    assert losses and all(0 < loss < 20 for loss in losses)
     [row] = run.predict([{"article": "The Bank of England kept interest rates at 4.75% on Thursday."}])
     assert set(row) == {"output"} and isinstance(row["output"], str)

@@ -208,3 +208,23 @@ def test_adalora_runs_are_not_resumed(tmp_path):
     with pytest.raises(PeftkitError, match="--resume: adalora reallocates ranks by importance scores .* start it "
                                            "again without --resume"):
         train(load_recipe("sentiment-lora", TINY + ["method=adalora", f"output_dir={tmp_path}"]), resume=True)
+
+
+def test_p_tuning_keeps_the_prompt_of_the_best_step(tmp_path, scripted, checkpoints):
+    """A p-tuning checkpoint holds the prompt its encoder made, not the encoder: the kept adapter is
+    that prompt as it was, and the test scores are the kept prompt's."""
+    scripted += [0.5, 0.9, 0.6]
+    run = train(load_recipe("sentiment-lora", TINY + ["method=p_tuning", "train.max_steps=3", "train.eval_steps=1",
+                                                       f"output_dir={tmp_path}"]))
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["best_step"] == 2
+    assert _equal(run / WEIGHTS, checkpoints / "2.safetensors")
+    assert not _equal(run / WEIGHTS, checkpoints / "3.safetensors")
+    from peftkit.runs import open_run
+    assert open_run(run).evaluate("test") == pytest.approx(metrics["adapted"])
+
+
+def test_p_tuning_runs_are_not_resumed(tmp_path):
+    with pytest.raises(PeftkitError, match="--resume: p_tuning saves the prompt its encoder made, not the encoder, "
+                                           "so the run cannot go on training it; start it again without --resume"):
+        train(load_recipe("sentiment-lora", TINY + ["method=p_tuning", f"output_dir={tmp_path}"]), resume=True)

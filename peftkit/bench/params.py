@@ -30,6 +30,7 @@ import copy
 import json
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 from ..errors import PeftkitError
@@ -181,7 +182,25 @@ def saved_tensors(model, name: str | None = None) -> dict[str, tuple]:
     """{key: (shape, safetensors dtype)} of what save_adapter writes for adapter `name`."""
     from ..saving import saved_state
 
-    return {key: (tuple(t.shape), _st_dtype(t.dtype)) for key, t in saved_state(model, name).items()}
+    with _prompt_as_stored(model):
+        state = saved_state(model, name)
+    return {key: (tuple(t.shape), _st_dtype(t.dtype)) for key, t in state.items()}
+
+
+@contextmanager
+def _prompt_as_stored(model):
+    """peft saves a training prompt-learning adapter's prompt by running its encoder and copying the output
+    to the CPU, which a meta model has no values for; in inference mode it saves the prompt table itself,
+    of the same shape and dtype."""
+    training = [c for c in getattr(model, "peft_config", {}).values()
+                if c.is_prompt_learning and not c.inference_mode]
+    for config in training:
+        config.inference_mode = True
+    try:
+        yield
+    finally:
+        for config in training:
+            config.inference_mode = False
 
 
 def safetensors_size(tensors: dict[str, tuple], float_dtype: str | None = None,

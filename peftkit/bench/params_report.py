@@ -77,10 +77,11 @@ def _markdown(tables: list[list[dict]], command: str) -> str:
            "OFT with blocks of 32, FourierFT with 1000 frequencies and AdaLoRA from rank 12 to an average of 8, "
            "all on LoRA's targets, LN tuning on every norm layer, bottleneck "
            "adapters with reduction factor 16, prefix tuning with 20 virtual tokens and the reparameterization "
-           "MLP; LoHa, LoKr and OFT take no GPT-2-style Conv1D layer, so GPT-2 has no rows for them; BOFT is "
+           "MLP, prompt tuning and p-tuning with 20 virtual tokens (p-tuning's MLP encoder 128 wide); LoHa, LoKr and OFT take no GPT-2-style Conv1D layer, so GPT-2 has no rows for them; BOFT is "
            "left out, as its layers compute permutations the meta device cannot) and counted with "
            "`peftkit.param_report`. *total* includes the adapter (and AdaLoRA's frozen per-layer rank counts); "
-           "VeRA's file also holds the random projections its layers share. File sizes are the exact size of "
+           "VeRA's file also holds the random projections its layers share; p-tuning's holds the prompt its encoder "
+           "made, not the encoder. File sizes are the exact size of "
            "`adapter_model.safetensors` (header included) with the adapter stored in fp32 or bf16. Encoders are counted for sequence classification (2 labels): "
            "their classifier head trains and is saved with the adapter; decoders as causal LMs (the LM head "
            "stays frozen).", "",

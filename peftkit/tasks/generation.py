@@ -14,7 +14,9 @@ from accelerate.utils import extract_model_from_parallel
 from datasets import ClassLabel
 from tqdm.auto import tqdm
 
+from ..anatomy import adapters_of
 from ..errors import PeftkitError
+from ..methods import method
 from . import Prepared
 from .qa import normalize_answer
 
@@ -115,7 +117,9 @@ def answer_loss(model, inputs: dict, num_items_in_batch=None) -> torch.Tensor:
     transformers applies the output layer at every position and then ignores all but the answer's:
     with a 49k vocabulary and ~150-token prompts that logits tensor, its softmax and its gradient
     are most of a step's activation memory and about a quarter of its time. A pre-hook hands the
-    output layer the answer-predicting hidden states alone; the loss is the same number.
+    output layer the answer-predicting hidden states alone; the loss is the same number. Prompt learning
+    (peft's prompt tuning, p-tuning) prepends its virtual tokens to the input, so the hidden states are
+    longer than the labels by those positions, which predict no answer token.
     Sum over tokens divided by `num_items_in_batch` (the Trainer's count over the accumulated
     batch, as transformers normalizes), or the mean when it is not given.
     """
@@ -124,7 +128,7 @@ def answer_loss(model, inputs: dict, num_items_in_batch=None) -> torch.Tensor:
     keep = torch.zeros_like(labels, dtype=torch.bool)
     keep[:, :-1] = targets != IGNORE
     head = extract_model_from_parallel(model).get_output_embeddings()  # under DDP `model` is its wrapper
-    handle = head.register_forward_pre_hook(lambda module, args: (args[0][keep],))
+    handle = head.register_forward_pre_hook(lambda module, args: (args[0][_behind_prompt(keep, args[0])],))
     try:
         # no KV cache: transformers builds one whenever use_cache is on (the config's default), a
         # concatenation per layer per step that training never reads
@@ -134,6 +138,11 @@ def answer_loss(model, inputs: dict, num_items_in_batch=None) -> torch.Tensor:
     total = torch.nn.functional.cross_entropy(logits.float(), targets[targets != IGNORE], reduction="sum")
     count = num_items_in_batch if num_items_in_batch is not None else keep.sum()
     return total / count
+
+
+def _behind_prompt(keep: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+    """`keep` (batch x tokens) for hidden states that may start with virtual tokens: those are kept out."""
+    return torch.cat((keep.new_zeros(keep.shape[0], hidden.shape[1] - keep.shape[1]), keep), dim=1)
 
 
 def check_lengths(recipe, template: ChatPrompt, longest_answer: int) -> None:
@@ -215,13 +224,21 @@ def generate(model, tokenizer, prompts, recipe, desc="generating") -> list[str]:
             batch = collate([{"input_ids": encoded[i], "attention_mask": [1] * len(encoded[i])} for i in index])
             batch = {k: v.to(model.device) for k, v in batch.items()}
             out = model.generate(**batch, max_new_tokens=t.max_new_tokens, do_sample=False,
-                                 pad_token_id=tokenizer.pad_token_id, eos_token_id=sorted(eos))
+                                 pad_token_id=tokenizer.pad_token_id, eos_token_id=sorted(eos),
+                                 use_cache=_cache_works(model))
             new = out[:, batch["input_ids"].shape[1]:]
             for i, text in zip(index, tokenizer.batch_decode(new, skip_special_tokens=True)):
                 outputs[i] = text.strip()
     finally:
         model.train(was_training)
     return outputs
+
+
+def _cache_works(model) -> bool:
+    """Whether `model` generates right from a KV cache. peft's prompt learning (prompt tuning, p-tuning)
+    under transformers 5 does not: from the second new token on, its cached steps predict other tokens than
+    a full forward pass over the same text, so it generates without one (each step reads the whole text)."""
+    return not any(method(info.method).prepends_tokens for info in adapters_of(model).values())
 
 
 # ---------------------------------------------------------------------------------------------

@@ -7,9 +7,12 @@ tuner checks and builds its method's config:
     build_config(method, options, model, heads)         the config attach injects
     describe(model)                                     one line on what was attached (bench params)
 
-LoRA and peft's other layer methods (IA3, LoHa, LoKr, VeRA, OFT, BOFT, FourierFT, LN tuning,
-AdaLoRA) are peft's own (peftkit.tuners.lora and peftkit.tuners.peft_layers only translate options
-into their configs).
+LoRA, peft's other layer methods (IA3, LoHa, LoKr, VeRA, OFT, BOFT, FourierFT, LN tuning,
+AdaLoRA) and its prompt learning (prompt tuning, p-tuning) are peft's own (peftkit.tuners.lora,
+peftkit.tuners.peft_layers and peftkit.tuners.prompt only translate options into their configs).
+A method that prepends tokens to every input (Method.prepends_tokens) also has
+
+    check_room(method, options, model, length, length_name)   PeftkitError past the position limit
 The methods peft lacks here (bottleneck adapters; prefix tuning that works for
 encoders and task heads under transformers 5) live in their own packages with
 config.py / layer.py / model.py and also expose:

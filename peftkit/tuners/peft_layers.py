@@ -41,18 +41,29 @@ _SIZES = {"oft": ("oft_block_size",), "boft": ("boft_block_size",), "fourierft":
 
 
 def options_of(method: str) -> list[str]:
-    return sorted(f.name for f in dataclasses.fields(CONFIGS[method]) if f.init and f.name not in _SET_BY_PEFTKIT)
+    return config_options(CONFIGS[method])
+
+
+def config_options(config_class, set_elsewhere: tuple[str, ...] = ()) -> list[str]:
+    """The options a peft config takes from a user: its fields but those peftkit (or peft) sets."""
+    return sorted(f.name for f in dataclasses.fields(config_class)
+                  if f.init and f.name not in _SET_BY_PEFTKIT + set_elsewhere)
+
+
+def refuse_unknown(method: str, options: dict, config_class, valid: list[str]) -> None:
+    """An option not in `valid` is refused, named with the nearest valid ones."""
+    for option in options:
+        if option not in valid:
+            near = difflib.get_close_matches(option, valid, n=3)
+            hint = f"; did you mean {' or '.join(near)}?" if near else ""
+            raise PeftkitError(f"unknown {method} option {option!r}{hint} {config_class.__name__} accepts: "
+                               f"{', '.join(valid)}")
 
 
 def check_options(method: str, options: dict) -> None:
     """Every option is the config's (an unknown one is named with the nearest valid ones); ranks are usable."""
     valid = options_of(method)
-    for option in options:
-        if option not in valid:
-            near = difflib.get_close_matches(option, valid, n=3)
-            hint = f"; did you mean {' or '.join(near)}?" if near else ""
-            raise PeftkitError(f"unknown {method} option {option!r}{hint} {CONFIGS[method].__name__} accepts: "
-                               f"{', '.join(valid)}")
+    refuse_unknown(method, options, CONFIGS[method], valid)
     r = options.get("r", 8)
     # OFT's r is its block count, and 0 (its default) leaves that to oft_block_size
     usable = "0 (blocks of oft_block_size) or a positive integer" if method == "oft" else "a positive integer"
