@@ -91,7 +91,7 @@ class CompiledBlocks:
 
     def __enter__(self):
         if self.compiled is None:
-            _share_libstdcxx()
+            share_libstdcxx()
             # dynamic: length-grouped batches come in many lengths; one graph serves them all
             self.compiled = [torch.compile(block.forward, dynamic=True) for block in self.blocks]
         for block, forward in zip(self.blocks, self.compiled):
@@ -104,7 +104,7 @@ class CompiledBlocks:
         return False
 
 
-def _share_libstdcxx() -> None:
+def share_libstdcxx() -> None:
     """Make the C++ runtime's symbols visible to the kernels inductor builds. Its CPU kernels are
     linked without libstdc++ and load only into a process that already shares its symbols; a
     kernel taken from inductor's on-disk cache by a fresh process failed to load here ("undefined

@@ -83,3 +83,4 @@ def test_compile_true_where_it_cannot_work_is_one_error():
 def test_a_bad_compile_setting_is_refused_with_the_valid_ones():
     with pytest.raises(PeftkitError, match="train.compile must be auto, true or false, got 'fast'"):
         load_recipe("sentiment-lora", ["train.compile=fast"])
+

@@ -19,6 +19,9 @@ def run_variant(bench: Bench, variant: Variant, extra: list[str] = ()) -> dict:
     import torch
     from transformers import Trainer  # noqa: F401
 
+    from ..compiling import share_libstdcxx
+    share_libstdcxx()  # the reference's torch_compile loads inductor's cached kernels as compiled blocks do
+
     from ..meter import Meter, rss_mb
     from ..precision import compute
     from ..report import param_report
