@@ -50,8 +50,10 @@ class Meter(TrainerCallback):
         nested = {id(m) for block in blocks for m in block.modules() if m is not block}
         blocks = [block for block in blocks if id(block) not in nested]  # the outermost: none counted twice
         inside = {id(m) for block in blocks for m in block.modules()}
-        for block in blocks:
-            self._handles.append(block.register_forward_pre_hook(self._block, with_kwargs=True))
+        for block in blocks:  # a block's linears, listed once: the hook runs at every block of every step
+            linears = [m for m in block.modules() if isinstance(m, torch.nn.Linear)]
+            self._handles.append(block.register_forward_pre_hook(
+                lambda block, args, kwargs, linears=linears: self._block(linears, args, kwargs), with_kwargs=True))
         for module in model.modules():
             if isinstance(module, torch.nn.Linear) and id(module) not in inside:  # bitsandbytes' 4/8-bit layers are Linear subclasses
                 self._handles.append(module.register_forward_hook(self._linear))
@@ -82,14 +84,13 @@ class Meter(TrainerCallback):
         if self._counting:
             self._count(module, args[0].numel() // module.in_features)
 
-    def _block(self, block, args, kwargs):
+    def _block(self, linears, args, kwargs):
         if not self._counting:
             return
         hidden = args[0] if args else kwargs["hidden_states"]
         rows = hidden.numel() // hidden.shape[-1]
-        for module in block.modules():
-            if isinstance(module, torch.nn.Linear):
-                self._count(module, rows)
+        for linear in linears:
+            self._count(linear, rows)
 
     def _count(self, linear, rows: int) -> None:
         if rows == self._positions:  # a layer every position goes through: padding is not useful work
