@@ -99,17 +99,18 @@ def _eval_steps(recipe: Recipe, steps: int) -> int:
 
 
 def make_trainer(recipe: Recipe, setup: Setup, model, work: Path, save: bool = True, callbacks=(),
-                 validate: bool = False) -> AdapterTrainer:
+                 validate: bool = False, method: str | None = None) -> AdapterTrainer:
     """The Trainer for `model` (adapters attached), after the machine's fast path is set up on it:
     the frozen base stored in bf16 when training in bf16, and the cheap CPU dropout. validate=True
     evaluates on the validation split every setup.eval_steps steps (with early stopping and the
-    best checkpoint kept, as the recipe says)."""
+    best checkpoint kept, as the recipe says). `method` names what trains when it is not the recipe's
+    adapter (the bench's full fine-tuning), for the choices made per method."""
     store_frozen_in_bf16(model, setup.precision)
     if recipe.train.fast_dropout:
         swap_in_fast_dropout(model)
     eval_steps = setup.eval_steps if validate else 0
     compiled, compile_detail = resolve_compile(recipe.train.compile, model, setup.task.MODEL_TASK,
-                                               setup.spec.method, setup.precision, setup.steps)
+                                               method or setup.spec.method, setup.precision, setup.steps)
     callbacks = list(callbacks) + ([RankAllocation()] if setup.spec.about.rank_schedule else [])
     if eval_steps and recipe.train.early_stopping_patience:
         callbacks.append(EarlyStoppingCallback(recipe.train.early_stopping_patience,

@@ -59,6 +59,7 @@ def test_the_cpu_dropout_gives_way_to_inductors_own_inside_compiled_blocks():
     ("causal-lm", "lora", "bf16", compiling.PAYS_AFTER_STEPS - 1, False),  # the warm-up would not pay
     ("classification", "lora", "bf16", 400, False),  # measured slower on MiniLM's short rows
     ("causal-lm", "houlsby", "bf16", 400, False),  # not measured
+    ("causal-lm", "full", "bf16", 400, False),  # bench's full fine-tuning: not measured either
     ("causal-lm", "lora", "fp32", 400, False),
 ])
 def test_auto_compiles_only_where_it_was_measured_to_pay(monkeypatch, task, method, precision, steps, on):

@@ -101,7 +101,8 @@ def _trainer(bench: Bench, variant: Variant, recipe, work: Path, meter) -> tuple
             model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     else:
         model = attach(setup.model, setup.spec, gradient_checkpointing=recipe.train.gradient_checkpointing)
-    trainer = make_trainer(recipe, setup, model, work, save=False, callbacks=[meter])
+    trainer = make_trainer(recipe, setup, model, work, save=False, callbacks=[meter],
+                           method="full" if variant.method == "full" else None)
     return trainer, setup.tokenizer, setup.splits, setup.task, setup.precision
 
 
