@@ -119,6 +119,12 @@ METHODS = {m.name: m for m in (
            parts=("peftkit.tuners.prefix", "peftkit.tuners.bottleneck"),
            why_not_mergeable="a MAM adapter is a prefix plus a parallel adapter: " + _ADDS_COMPUTATION,
            why_no_checkpointing=_PREFIX_IN_CACHE),
+    # its prefix gate is one number per sample from all of its tokens: no per-row mixing, no chunked prefill
+    Method("unipelt", "UniPELT", "peftkit.tuners.unipelt", peft_native=False, mergeable=False, quantized_base=True,
+           gradient_checkpointing=False, bank_rows=False,  # Mao et al. 2022
+           why_not_mergeable="UniPELT gates its LoRA by the input and adds a prefix and an adapter: "
+                             + _ADDS_COMPUTATION,
+           why_no_checkpointing=_PREFIX_IN_CACHE),
 )}
 
 
