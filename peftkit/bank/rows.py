@@ -7,7 +7,8 @@ cleared after it, so nothing carries over from one call to the next.
     with bank._use(rows): ...    select for one call, then clear
     bank._select(rows)           switch each method's tuners, the head switches and the LoRA plan
 
-Houlsby, Pfeiffer, parallel and prefix are peftkit's own tuners, which take one adapter per row;
+Houlsby, Pfeiffer, parallel and prefix are peftkit's own tuners, which take one adapter per row (MAM's
+parts live in the prefix and bottleneck tuners, which switch it: Method.parts);
 LoRA is the bank's own hooks (lora.py); heads are switched per row (heads.py).
 Mixed into AdapterBank; uses the model, entries, heads, lora hooks and lock of base.py's Holder.
 """
