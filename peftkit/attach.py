@@ -13,7 +13,7 @@ from .anatomy import AdapterInfo, adapters_of, base_fingerprint, base_model, bas
     task_of
 from .errors import PeftkitError
 from .loading import keep_standard_4bit_layout
-from .methods import METHODS
+from .methods import METHODS, activate
 from .presets import resolve_spec
 
 
@@ -66,7 +66,7 @@ def attach(model, spec, name: str | None = None, gradient_checkpointing: bool | 
             model = get_peft_model(model, config, adapter_name=name)
     else:
         about.tuner.inject(model, config, name)
-        about.tuner.set_active(model, name)
+        activate(model, name, {n: i.method for n, i in {**existing, name: info}.items()})
         for head in heads:
             base.get_submodule(head).requires_grad_(True)
     model.peftkit_adapters = {**existing, name: info}

@@ -32,10 +32,17 @@ class Method:
     prepends_tokens: bool = False  # prompt learning: every input grows by num_virtual_tokens positions, which
     # must fit the model's position limit (the tuner's check_room)
     why_no_resume: str = ""  # `peftkit train --resume`'s refusal, for methods whose checkpoints cannot go on training
+    parts: tuple[str, ...] = ()  # a composite (MAM) whose parts live in these tuners' per-model state under its
+    # adapter name: those tuners switch it, together with their own methods' adapters (see switches)
 
     @property
     def tuner(self):
         return importlib.import_module(self.tuner_module)
+
+    @property
+    def switches(self) -> tuple[str, ...]:
+        """The tuner modules whose set_active turns this method's adapters on and off."""
+        return self.parts or (self.tuner_module,)
 
     def check_options(self, options: dict) -> None:
         """Refuse options the method does not have, without a model."""
@@ -61,6 +68,7 @@ class Method:
 
 _ADDS_COMPUTATION = "it adds computation of its own rather than a weight update (use load_adapter for inference)"
 _PROMPT = "it prepends learned embeddings to every input, which no base weight can hold (use load_adapter)"
+_PREFIX_IN_CACHE = "the prefix travels in the KV cache, which checkpointed layers drop"
 _BOTTLENECK = dict(tuner_module="peftkit.tuners.bottleneck", peft_native=False, mergeable=False,
                    quantized_base=True, gradient_checkpointing=True, bank_rows=True,
                    why_not_mergeable="a bottleneck adapter is a small network between layers: " + _ADDS_COMPUTATION)
@@ -104,7 +112,19 @@ METHODS = {m.name: m for m in (
     Method("prefix", "prefix tuning", "peftkit.tuners.prefix", peft_native=False, mergeable=False, quantized_base=True,
            gradient_checkpointing=False, bank_rows=True,  # Li & Liang 2021
            why_not_mergeable="prefix tuning adds key/value slots to attention: " + _ADDS_COMPUTATION,
-           why_no_checkpointing="the prefix travels in the KV cache, which checkpointed layers drop"),
+           why_no_checkpointing=_PREFIX_IN_CACHE),
+    # AdapterHub's composites of peftkit's own parts; their prefix keeps them from checkpointing too
+    Method("mam", "the MAM adapter", "peftkit.tuners.mam", peft_native=False, mergeable=False, quantized_base=True,
+           gradient_checkpointing=False, bank_rows=True,  # He et al. 2022
+           parts=("peftkit.tuners.prefix", "peftkit.tuners.bottleneck"),
+           why_not_mergeable="a MAM adapter is a prefix plus a parallel adapter: " + _ADDS_COMPUTATION,
+           why_no_checkpointing=_PREFIX_IN_CACHE),
+    # its prefix gate is one number per sample from all of its tokens: no per-row mixing, no chunked prefill
+    Method("unipelt", "UniPELT", "peftkit.tuners.unipelt", peft_native=False, mergeable=False, quantized_base=True,
+           gradient_checkpointing=False, bank_rows=False,  # Mao et al. 2022
+           why_not_mergeable="UniPELT gates its LoRA by the input and adds a prefix and an adapter: "
+                             + _ADDS_COMPUTATION,
+           why_no_checkpointing=_PREFIX_IN_CACHE),
 )}
 
 
@@ -115,8 +135,19 @@ def method(name: str) -> Method:
 
 
 def tuner_groups(names) -> dict:
-    """{tuner module: [method names]} for `names`: methods sharing a tuner are switched together."""
+    """{tuner module: [method names]} for `names`: methods sharing a tuner's state are switched together,
+    a composite in each of its parts' groups (so one set_active per module covers every row)."""
     groups: dict[str, list[str]] = {}
     for name in names:
-        groups.setdefault(method(name).tuner_module, []).append(name)
+        for module in method(name).switches:
+            groups.setdefault(module, []).append(name)
     return groups
+
+
+def activate(model, name: str, held: dict) -> None:
+    """Make own adapter `name` the only active one among the model's own adapters (`held`: {adapter name:
+    method}, `name` included): every switch they use goes off first, so no other adapter, and no part
+    of a composite one, stays on beside it."""
+    for module in sorted({s for m in held.values() if not method(m).peft_native for s in method(m).switches}):
+        importlib.import_module(module).set_active(model, None)
+    method(held[name]).tuner.set_active(model, name)

@@ -22,7 +22,7 @@ from .anatomy import (AdapterInfo, adapters_of, base_fingerprint, base_model, ba
 from .errors import PeftkitError
 from .fingerprint import check_same_base
 from .loading import keep_standard_4bit_layout
-from .methods import METHODS, method
+from .methods import METHODS, activate, method
 
 WEIGHTS = "adapter_model.safetensors"
 CONFIG = "adapter_config.json"
@@ -224,7 +224,7 @@ def inject_saved(model, name: str, info: AdapterInfo, state: dict) -> None:
     except Exception:
         about.tuner.remove(model, name)
         raise
-    about.tuner.set_active(model, name)
+    activate(model, name, {**{n: i.method for n, i in adapters_of(model).items()}, name: info.method})
     for param in model.parameters():
         param.requires_grad_(False)
 

@@ -7,10 +7,12 @@ cleared after it, so nothing carries over from one call to the next.
     with bank._use(rows): ...    select for one call, then clear
     bank._select(rows)           switch each method's tuners, the head switches and the LoRA plan
 
-Houlsby, Pfeiffer, parallel and prefix are peftkit's own tuners, which take one adapter per row;
+Houlsby, Pfeiffer, parallel and prefix are peftkit's own tuners, which take one adapter per row (MAM's
+parts live in the prefix and bottleneck tuners, which switch it: Method.parts);
 LoRA is the bank's own hooks (lora.py); heads are switched per row (heads.py).
 Mixed into AdapterBank; uses the model, entries, heads, lora hooks and lock of base.py's Holder.
 """
+import importlib
 from contextlib import contextmanager
 
 import torch
@@ -59,8 +61,8 @@ class RowSelection:
             return None if rows is None else _collapse([n if n and self.entries[n].method in names else None
                                                         for n in rows])
         own = [m for m in kinds if not method(m).peft_native]
-        for names in tuner_groups(own).values():  # methods sharing a tuner switch together
-            method(names[0]).tuner.set_active(self.model, pick(names))
+        for module, names in tuner_groups(own).items():  # methods sharing a tuner's state switch together
+            importlib.import_module(module).set_active(self.model, pick(names))
         for switch in self.heads.values():
             switch.active = None if rows is None else _collapse(rows)
         self.lora.select(pick([m for m in kinds if method(m).peft_native]),

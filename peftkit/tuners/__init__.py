@@ -14,8 +14,9 @@ A method that prepends tokens to every input (Method.prepends_tokens) also has
 
     check_room(method, options, model, length, length_name)   PeftkitError past the position limit
 The methods peft lacks here (bottleneck adapters; prefix tuning that works for
-encoders and task heads under transformers 5) live in their own packages with
-config.py / layer.py / model.py and also expose:
+encoders and task heads under transformers 5; MAM and UniPELT, whose parts those
+tuners hold under the composite's adapter name, see composite.py) live in their own
+modules or packages with config.py / layer.py / model.py and also expose:
 
     Config                       dataclass; Config.from_options(dict) validates and
                                  raises PeftkitError naming the bad option
