@@ -188,5 +188,10 @@ def check_options(method: str, options: dict) -> None:
 
 
 def build_config(method: str, options: dict, model=None, heads=()) -> Config:
-    """The adapter's config (its sizes are checked against the model when it is injected)."""
-    return Config.from_options({"method": method, **options})
+    """The adapter's config, checked against `model` when given: attach refuses one that does not fit
+    before it freezes anything."""
+    config = Config.from_options({"method": method, **options})
+    if model is not None:
+        from .model import fitted  # model.py imports this module
+        fitted(model, config)
+    return config

@@ -8,8 +8,9 @@
 
 Where adapters go: Houlsby after every attention output projection and feed-forward
 output, Pfeiffer after the feed-forward output only (or wherever `target_modules` says),
-Compacter where Houlsby's go (or Pfeiffer's: placement), parallel beside the feed-forward block (input of `ffn_input`, added to the output of
-`ffn_output`). The insertion points come from peftkit.architectures.
+Compacter where Houlsby's go (or Pfeiffer's: placement), parallel beside the feed-forward
+block (input of `ffn_input`, added to the output of `ffn_output`). The insertion points come
+from peftkit.architectures.
 """
 import re
 from dataclasses import replace
@@ -34,15 +35,8 @@ def inject(model: nn.Module, config: Config, name: str) -> None:
         raise PeftkitError(f"adapter {name!r} already exists; existing: {', '.join(state['adapters'])}")
     if not isinstance(config, Config):
         raise PeftkitError(f"config must be a bottleneck Config, got {type(config).__name__}")
-    hidden = _hidden_size(model)
-    config.check_sizes(hidden)
-    size = config.bottleneck_dim(hidden)
-    sites = _plan(model, config)  # everything is checked before the first change below
-    rule = None
-    if config.method == "compacter":
-        widths = {site: _out_features(_unwrapped(model.get_submodule(site)), hidden) for site, _ in sites}
-        check_widths(config.phm_dim, widths)  # the bottleneck is a multiple of phm_dim (config)
-        rule = new_rule(config.phm_dim)  # one per adapter, shared by all its sites
+    hidden, size, sites = fitted(model, config)  # everything is checked before the first change below
+    rule = new_rule(config.phm_dim) if config.method == "compacter" else None  # one per adapter, for all its sites
 
     for site_name, source_name in sites:
         wrapper = _wrap(model, site_name)
@@ -67,6 +61,18 @@ def inject(model: nn.Module, config: Config, name: str) -> None:
     state["adapters"][name] = (replace(config), [site for site, _ in sites])  # a copy: callers may reuse theirs
     model.__dict__[STATE] = state
     set_active(model, name)
+
+
+def fitted(model: nn.Module, config: Config) -> tuple[int, int, list]:
+    """(hidden size, bottleneck width, insertion points) of `config` on `model`, without changing it;
+    PeftkitError if the adapter does not fit."""
+    hidden = _hidden_size(model)
+    config.check_sizes(hidden)
+    sites = _plan(model, config)
+    if config.method == "compacter":  # its bottleneck width is a multiple of phm_dim already (Config)
+        check_widths(config.phm_dim, {site: _out_features(_unwrapped(model.get_submodule(site)), hidden)
+                                      for site, _ in sites})
+    return hidden, config.bottleneck_dim(hidden), sites
 
 
 def adapter_state_dict(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
