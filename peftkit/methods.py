@@ -79,6 +79,7 @@ METHODS = {m.name: m for m in (
     Method("houlsby", "the Houlsby adapter", **_BOTTLENECK),  # Houlsby et al. 2019
     Method("pfeiffer", "the Pfeiffer adapter", **_BOTTLENECK),  # Pfeiffer et al. 2020
     Method("parallel", "the parallel adapter", **_BOTTLENECK),  # He et al. 2022
+    Method("compacter", "Compacter", **_BOTTLENECK),  # Karimi Mahabadi et al. 2021
     # peft's other layer methods: peft builds, saves and merges them; the bank's per-row hooks read LoRA only
     Method("ia3", "IA3", "peftkit.tuners.peft_layers", peft_native=True, mergeable=True, quantized_base=True,
            gradient_checkpointing=True, bank_rows=False, peft_type="IA3"),  # Liu et al. 2022

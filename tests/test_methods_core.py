@@ -89,8 +89,9 @@ def test_bad_options_for_own_methods():
     with pytest.raises(peftkit.PeftkitError, match="pass name="):
         peftkit.attach(model, "pfeiffer")
     peft_methods = ", ".join(sorted(m.name for m in METHODS.values() if m.peft_native))
+    own_methods = ", ".join(sorted(m.name for m in METHODS.values() if not m.peft_native))
     with pytest.raises(peftkit.PeftkitError, match=rf"either peft's methods \({peft_methods}\) or peftkit's own "
-                                                   r"methods \(houlsby"):
+                                                   rf"methods \({own_methods}\)"):
         peftkit.attach(model, "lora", name="b")
     model = peftkit.attach(model, "pfeiffer", name="b")
     assert sorted(model.peftkit_adapters) == ["b", "default"]

@@ -1,7 +1,7 @@
 """AdapterBank: one base model in memory, many adapters, picked per call or per batch row.
 
     bank = AdapterBank("smollm2-135m")                   # or a loaded model (with tokenizer=...)
-    bank.load("headlines", "runs/headlines-lora")         # lora, houlsby, pfeiffer, parallel, prefix
+    bank.load("headlines", "runs/headlines-lora")         # lora, houlsby, pfeiffer, parallel, compacter, prefix
     bank.generate(prompts, adapter="headlines")           # None = the base model alone
     bank.generate(prompts, adapter=["headlines", "sentiment", None])    # one adapter per row
     bank.classify(texts, adapter="topic")                 # encoder banks; bank.answer(questions, contexts, ...)

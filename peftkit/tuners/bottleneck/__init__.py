@@ -1,6 +1,7 @@
-"""Bottleneck adapters: Houlsby (2019), Pfeiffer (2020) and parallel (He et al. 2022).
+"""Bottleneck adapters: Houlsby (2019), Pfeiffer (2020), parallel (He et al. 2022) and
+Compacter (Karimi Mahabadi et al. 2021, PHM projections: phm.py).
 
-One package, three methods, picked by Config.method. See peftkit.tuners for the contract.
+One package, four methods, picked by Config.method. See peftkit.tuners for the contract.
 """
 from .config import Config, build_config, check_options
 from .model import adapter_state_dict, describe, inject, load_adapter_state_dict, remove, set_active

@@ -1,4 +1,4 @@
-"""Options of the bottleneck adapters (Houlsby, Pfeiffer, parallel).
+"""Options of the bottleneck adapters (Houlsby, Pfeiffer, parallel, Compacter).
 
     Config.from_options({"method": "pfeiffer", "reduction_factor": 8})
     config.to_options()            -> JSON-serializable dict, round-trips
@@ -15,6 +15,11 @@ METHODS = tuple(name for name, m in REGISTRY.items() if m.tuner_module == "peftk
 NON_LINEARITIES = ("relu", "gelu", "silu", "tanh")
 DEFAULT_REDUCTION_FACTOR = 16
 DEFAULT_SCALING = 4.0  # He et al. 2022 scale the parallel adapter's output by 4
+# Compacter's own defaults (Karimi Mahabadi et al. 2021, as AdapterHub's CompacterConfig sets them)
+COMPACTER_REDUCTION_FACTOR = 32
+COMPACTER_NON_LINEARITY = "gelu"
+PLACEMENTS = ("houlsby", "pfeiffer")  # Compacter after attention and feed-forward, or Compacter++: feed-forward only
+COMPACTER_ONLY = ("phm_dim", "phm_rank", "placement")
 
 
 @dataclass
@@ -24,10 +29,13 @@ class Config:
     # rather than defaulting reduction_factor so that "both given" stays detectable.
     bottleneck_size: int | None = None
     reduction_factor: int | None = None
-    non_linearity: str = "relu"
+    non_linearity: str | None = None  # None: the method's default (relu; gelu for compacter)
     scaling: float = DEFAULT_SCALING  # parallel only
     dropout: float = 0.0
-    target_modules: list[str] | None = None  # houlsby/pfeiffer only: modules after whose output an adapter goes
+    target_modules: list[str] | None = None  # houlsby/pfeiffer/compacter: modules after whose output an adapter goes
+    phm_dim: int = 4  # compacter only: n, the number of n x n rule matrices and of blocks per side
+    phm_rank: int = 1  # compacter only: rank of each per-layer factor B_i = s_i t_i^T
+    placement: str | None = None  # compacter only: houlsby (None) or pfeiffer (Compacter++)
 
     def __post_init__(self):
         self._validate()
@@ -48,9 +56,15 @@ class Config:
             raise PeftkitError(f"option 'scaling' only applies to method 'parallel', not {method!r}")
         if options.get("target_modules") is not None and method == "parallel":
             raise PeftkitError(
-                "option 'target_modules' only applies to methods 'houlsby' and 'pfeiffer'; "
+                "option 'target_modules' only applies to methods 'houlsby', 'pfeiffer' and 'compacter'; "
                 "the parallel adapter always sits beside the feed-forward block"
             )
+        others = [key for key in COMPACTER_ONLY if key in options and method != "compacter"]
+        if others:
+            raise PeftkitError(f"option {others[0]!r} only applies to method 'compacter', not {method!r}")
+        if options.get("placement") is not None and options.get("target_modules") is not None:
+            raise PeftkitError("give either placement or target_modules, not both; "
+                               "target_modules already says where every adapter goes")
         config = cls(**options)
         if hidden_size is not None:
             config.check_sizes(hidden_size)
@@ -68,12 +82,26 @@ class Config:
             options["scaling"] = self.scaling
         else:
             options["target_modules"] = None if self.target_modules is None else list(self.target_modules)
+        if self.method == "compacter":
+            options.update(phm_dim=self.phm_dim, phm_rank=self.phm_rank, placement=self.placement)
         return options
+
+    @property
+    def after_attention(self) -> bool:
+        """Whether the default placement has an adapter after attention too (Houlsby's)."""
+        return self.method == "houlsby" or self.method == "compacter" and self.placement in (None, "houlsby")
+
+    @property
+    def default_reduction_factor(self) -> int:
+        return COMPACTER_REDUCTION_FACTOR if self.method == "compacter" else DEFAULT_REDUCTION_FACTOR
 
     def bottleneck_dim(self, hidden_size: int) -> int:
         if self.bottleneck_size is not None:
             return self.bottleneck_size
-        return hidden_size // (self.reduction_factor or DEFAULT_REDUCTION_FACTOR)
+        size = hidden_size // (self.reduction_factor or self.default_reduction_factor)
+        if self.method == "compacter":  # PHM layers need a multiple of phm_dim: round down, to at least phm_dim
+            return max(self.phm_dim, size - size % self.phm_dim)
+        return size
 
     def check_sizes(self, hidden_size: int) -> None:
         """Size checks that need the model; inject calls this before touching it."""
@@ -86,7 +114,7 @@ class Config:
         if self.bottleneck_dim(hidden_size) < 1:  # only reachable via the default factor on a tiny model
             raise PeftkitError(
                 f"hidden size {hidden_size} is too small for the default reduction_factor "
-                f"{DEFAULT_REDUCTION_FACTOR}; set reduction_factor (1..{hidden_size}) or bottleneck_size"
+                f"{self.default_reduction_factor}; set reduction_factor (1..{hidden_size}) or bottleneck_size"
             )
 
     def _validate(self):
@@ -105,6 +133,8 @@ class Config:
                 raise PeftkitError(f"{key} must be an integer >= 1, got {value!r} ({type(value).__name__})")
             if value < 1:
                 raise PeftkitError(f"{key} must be >= 1, got {value}")
+        if self.non_linearity is None:
+            self.non_linearity = COMPACTER_NON_LINEARITY if self.method == "compacter" else "relu"
         if not isinstance(self.non_linearity, str) or self.non_linearity.lower() not in NON_LINEARITIES:
             raise PeftkitError(
                 f"non_linearity {self.non_linearity!r} is not one of {', '.join(NON_LINEARITIES)}"
@@ -130,6 +160,19 @@ class Config:
                 except re.error as e:
                     raise PeftkitError(f"target_modules entry {pattern!r} is not a valid regex: {e}") from None
             self.target_modules = list(tm)
+        if self.method == "compacter":
+            self._validate_phm()
+
+    def _validate_phm(self):
+        for key in ("phm_dim", "phm_rank"):
+            value = getattr(self, key)
+            if not _is_int(value) or value < 1:
+                raise PeftkitError(f"{key} must be an integer >= 1, got {value!r}")
+        if self.placement not in (None,) + PLACEMENTS:
+            raise PeftkitError(f"placement {self.placement!r} is not one of {', '.join(PLACEMENTS)}")
+        if self.bottleneck_size is not None and self.bottleneck_size % self.phm_dim:
+            raise PeftkitError(f"bottleneck_size {self.bottleneck_size} is not a multiple of phm_dim {self.phm_dim}; "
+                               f"the PHM layers split it into phm_dim blocks")
 
 
 def _is_int(x) -> bool:
@@ -145,5 +188,10 @@ def check_options(method: str, options: dict) -> None:
 
 
 def build_config(method: str, options: dict, model=None, heads=()) -> Config:
-    """The adapter's config (its sizes are checked against the model when it is injected)."""
-    return Config.from_options({"method": method, **options})
+    """The adapter's config, checked against `model` when given: attach refuses one that does not fit
+    before it freezes anything."""
+    config = Config.from_options({"method": method, **options})
+    if model is not None:
+        from .model import fitted  # model.py imports this module
+        fitted(model, config)
+    return config

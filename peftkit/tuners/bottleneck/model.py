@@ -8,8 +8,9 @@
 
 Where adapters go: Houlsby after every attention output projection and feed-forward
 output, Pfeiffer after the feed-forward output only (or wherever `target_modules` says),
-parallel beside the feed-forward block (input of `ffn_input`, added to the output of
-`ffn_output`). The insertion points come from peftkit.architectures.
+Compacter where Houlsby's go (or Pfeiffer's: placement), parallel beside the feed-forward
+block (input of `ffn_input`, added to the output of `ffn_output`). The insertion points come
+from peftkit.architectures.
 """
 import re
 from dataclasses import replace
@@ -21,6 +22,7 @@ from ...architectures import layout_of
 from ...errors import PeftkitError
 from .config import Config
 from .layer import Bottleneck, BottleneckWrapper
+from .phm import SHARED, Compacter, check_widths, new_rule
 
 STATE = "_peftkit_bottleneck"  # model attribute: {"adapters": {name: (config, [site names])}, "active": ...}
 
@@ -33,23 +35,25 @@ def inject(model: nn.Module, config: Config, name: str) -> None:
         raise PeftkitError(f"adapter {name!r} already exists; existing: {', '.join(state['adapters'])}")
     if not isinstance(config, Config):
         raise PeftkitError(f"config must be a bottleneck Config, got {type(config).__name__}")
-    hidden = _hidden_size(model)
-    config.check_sizes(hidden)
-    size = config.bottleneck_dim(hidden)
-    sites = _plan(model, config)  # everything is checked before the first change below
+    hidden, size, sites = fitted(model, config)  # everything is checked before the first change below
+    rule = new_rule(config.phm_dim) if config.method == "compacter" else None  # one per adapter, for all its sites
 
     for site_name, source_name in sites:
         wrapper = _wrap(model, site_name)
         parallel = config.method == "parallel"
-        adapter = Bottleneck(
-            in_dim=hidden if parallel else _out_features(wrapper.base_layer, hidden),
-            out_dim=_out_features(wrapper.base_layer, hidden),
-            size=size,
-            non_linearity=config.non_linearity,
-            dropout=config.dropout,
-            parallel=parallel,
-            scaling=config.scaling if parallel else 1.0,
-        )
+        width = _out_features(wrapper.base_layer, hidden)
+        if rule is not None:
+            adapter = Compacter(width, width, size, rule, config.phm_rank, config.non_linearity, config.dropout)
+        else:
+            adapter = Bottleneck(
+                in_dim=hidden if parallel else width,
+                out_dim=width,
+                size=size,
+                non_linearity=config.non_linearity,
+                dropout=config.dropout,
+                parallel=parallel,
+                scaling=config.scaling if parallel else 1.0,
+            )
         wrapper.adapters[name] = adapter.to(_device_of(wrapper.base_layer, model))
         if source_name is not None and wrapper.source is None:
             # hook the innermost module: wrappers come and go around it, its input stays the same
@@ -57,6 +61,18 @@ def inject(model: nn.Module, config: Config, name: str) -> None:
     state["adapters"][name] = (replace(config), [site for site, _ in sites])  # a copy: callers may reuse theirs
     model.__dict__[STATE] = state
     set_active(model, name)
+
+
+def fitted(model: nn.Module, config: Config) -> tuple[int, int, list]:
+    """(hidden size, bottleneck width, insertion points) of `config` on `model`, without changing it;
+    PeftkitError if the adapter does not fit."""
+    hidden = _hidden_size(model)
+    config.check_sizes(hidden)
+    sites = _plan(model, config)
+    if config.method == "compacter":  # its bottleneck width is a multiple of phm_dim already (Config)
+        check_widths(config.phm_dim, {site: _out_features(_unwrapped(model.get_submodule(site)), hidden)
+                                      for site, _ in sites})
+    return hidden, config.bottleneck_dim(hidden), sites
 
 
 def adapter_state_dict(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
@@ -146,7 +162,7 @@ def _plan(model, config) -> list[tuple[str, str | None]]:
         patterns = config.target_modules
     else:
         layout = layout_of(model)
-        patterns = ([layout.attention_output] if config.method == "houlsby" else []) + [layout.ffn_output]
+        patterns = ([layout.attention_output] if config.after_attention else []) + [layout.ffn_output]
     sites = _matching(modules, patterns)
     if not sites:
         raise PeftkitError(
@@ -245,7 +261,10 @@ def _adapter_tensors(model, name) -> dict[str, torch.Tensor]:
     for site in sites:
         adapter = model.get_submodule(site).adapters[name]
         for key, t in adapter.state_dict(keep_vars=True).items():
-            out[f"{site}.{key}"] = t
+            if key in SHARED:  # one tensor held by every site (Compacter's rule): once, under its own key
+                out[key] = t
+            else:
+                out[f"{site}.{key}"] = t
     return out
 
 
@@ -256,6 +275,8 @@ def _some(items, k=8) -> str:
 
 def describe(model) -> str:
     """Bottleneck sizes and how many sites, for `bench params`."""
-    adapters = [m for m in model.modules() if isinstance(m, Bottleneck)]
+    adapters = [m for m in model.modules() if isinstance(m, (Bottleneck, Compacter))]
     sizes = sorted({a.down.out_features for a in adapters})
-    return f"size {','.join(map(str, sizes))} at {len(adapters)} sites"
+    phm = sorted({(a.down.phm_dim, a.down.s.shape[-1]) for a in adapters if isinstance(a, Compacter)})
+    rules = "".join(f", phm_dim {n} rank {r}" for n, r in phm)
+    return f"size {','.join(map(str, sizes))} at {len(adapters)} sites{rules}"
