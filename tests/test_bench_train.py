@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import peftkit
-from peftkit.bench.benchfile import load_bench, recipe_for
+from peftkit.bench.benchfile import load_bench, recipe_for, selected
 from peftkit.bench.train import run
 from peftkit.errors import PeftkitError
 from peftkit.compiling import blocks_of
@@ -47,7 +47,7 @@ def _bench_file(tmp_path, text: str) -> Path:
 def test_bench_file_errors_name_the_problem(tmp_path):
     head = "name: x\nrecipe: recipes/sentiment-lora.yaml\n"
     cases = [
-        (head + "variants: {lora: {}}\ncolour: red\n", "unknown key colour; allowed: name, overrides"),
+        (head + "variants: {lora: {}}\ncolour: red\n", "unknown key colour; allowed: lr_sweep, name, overrides"),
         (head + "variants: {lora: {method: lorra}}\n", "unknown preset 'lorra'"),
         (head + "variants: {full: {quantize: nf4}}\n", "full runs on the unquantized base"),
         (head + "variants: {reference: {}}\n", "a reference variant needs `reference: path/to/script.py`"),
@@ -163,3 +163,43 @@ def test_a_failing_variant_keeps_the_others_results_and_is_named(tmp_path, monke
     assert saved["meta"]["failed"][0]["variant"] == "houlsby" and len(saved["meta"]["peak_readings"]) == 2
     table = (tmp_path / "train-sentiment-cpu.md").read_text()
     assert "| pfeiffer |" in table and "**Failed** (no row): houlsby" in table
+
+
+def test_the_methods_tables_cover_every_registered_method_and_sweep_their_rates():
+    from peftkit.methods import METHODS
+    from peftkit.presets import resolve_spec
+
+    for task in ("sentiment", "topic"):
+        bench = load_bench(ROOT / "benchmarks" / f"methods-{task}.yaml")
+        assert {resolve_spec(v.method).method for v in bench.variants} == set(METHODS), task
+        assert all(bench.lr_sweep.swept(v) for v in bench.variants)
+        assert [v.name for v in selected(bench, None, [])] == [v.name for v in bench.variants]  # every recipe loads
+
+
+def test_a_swept_variant_trains_its_row_at_the_rate_that_scored_best_on_validation(tmp_path):
+    path = _bench_file(tmp_path, "name: sw\nrecipe: recipes/sentiment-lora.yaml\n"
+                                 "lr_sweep: {values: [1.0e-6, 3.0e-2], overrides: {train.max_steps: 2}}\n"
+                                 "variants: {lora: {}, pfeiffer: {train.lr: 1.0e-3}}\n")
+    rows = run(load_bench(path), extra=SMOKE["sentiment"], out_dir=tmp_path, log_dir=tmp_path / "logs")
+    lora, pfeiffer = rows
+    trials = lora["lr_sweep"]
+    assert [t["lr"] for t in trials] == [1e-6, 3e-2] and all(t["steps"] == 2 for t in trials)
+    assert lora["lr"] == max(trials, key=lambda t: t["validation"])["lr"] and lora["steps"] == 3
+    assert len({t["validation"] for t in trials}) == 2, "two rates 4 decades apart scored the same"
+    assert "lr_sweep" not in pfeiffer and pfeiffer["lr"] == 1e-3  # a variant's own rate is kept
+    table = (tmp_path / "train-sw-cpu.md").read_text()
+    assert f"| no | {lora['lr']:g} (swept) |" in table and f"| {pfeiffer['precision']} | no | 0.001 |" in table
+    assert "| variant | lr 1e-06 | lr 0.03 |" in table and "| lora | " in table.split("| variant | lr 1e-06")[1]
+    assert sorted((tmp_path / "logs").glob("sw-lora-cpu.lr*.log"))  # each short run kept its log
+
+
+def test_a_bad_lr_sweep_is_refused_naming_what_is_valid(tmp_path):
+    head = "name: x\nrecipe: recipes/sentiment-lora.yaml\nvariants: {lora: {}}\n"
+    cases = [("lr_sweep: [1.0e-3]\n", "lr_sweep must map values"),
+             ("lr_sweep: {values: [1.0e-3], overrides: {}}\n", "two or more positive learning rates"),
+             ("lr_sweep: {values: [1.0e-3, -1], overrides: {}}\n", "two or more positive"),
+             ("lr_sweep: {values: [1.0e-3, 1.0e-2], overrides: {train.lr: 1}}\n", "other than train.lr"),
+             ("lr_sweep: {values: [1.0e-3, 1.0e-2], overrides: {train.max_stepz: 4}}\n", "max_stepz")]
+    for text, message in cases:
+        with pytest.raises(PeftkitError, match=message):
+            selected(load_bench(_bench_file(tmp_path, head + text)), None, [])

@@ -30,7 +30,9 @@ seed, steps and batch shape) and the variants: a method preset (optionally on a
 through a plain Trainer script, benchmarks/reference/, the way users write it
 today) or `reference-tuned` (the same script with what a knowledgeable Trainer
 user adds: length grouping, padding to 8, bf16 where native, fused AdamW). Each
-variant trains in its own process, so its peak memory is its own.
+variant trains in its own process, so its peak memory is its own. A file with
+`lr_sweep` first trains short runs of each variant at every listed learning
+rate and trains its row at the one that scored best on the validation split.
 
 Per variant: trainable ratio, adapter file size, samples/s and tokens/s (real,
 non-padding tokens), peak memory while training, the recipe's test metric, and
@@ -148,6 +150,9 @@ def _train(args) -> int:
         seeds = parse_seeds(args.seeds)
         if any(item.startswith("train.seed=") for item in args.overrides):
             raise PeftkitError("--seeds sets train.seed for every run; drop the train.seed override")
+        if bench.lr_sweep:
+            raise PeftkitError(f"--seeds trains at fixed learning rates, and {args.bench} sweeps them (lr_sweep): "
+                               "run it without --seeds, or pair seeds on a file that sets each variant's train.lr")
         run_seeds(bench, seeds, args.overrides, selected(bench, only, args.overrides), out,
                   Path("runs") / "bench", args.against)
     elif args.against:

@@ -7,6 +7,10 @@
 A variant is a method preset (optionally on a 4-bit/8-bit base), `full` (every weight trains),
 `reference` or `reference-tuned` (peft's LoRA through the plain Trainer script the file names,
 benchmarks/reference/), plus dotted recipe keys of its own.
+
+A file may sweep the learning rate (`lr_sweep: {values: [...], overrides: {...}}`): every variant
+that does not set its own train.lr first trains short runs (the sweep's overrides) at each value,
+and its table row trains at the one that scored best on the validation split.
 """
 import json
 from dataclasses import dataclass, field
@@ -32,6 +36,16 @@ class Variant:
 
 
 @dataclass
+class LrSweep:
+    values: list[float]  # the learning rates each swept variant tries
+    overrides: dict  # dotted recipe keys of the short runs (fewer steps), on top of the variant's
+
+    def swept(self, variant: Variant) -> bool:
+        """A variant that sets its own rate keeps it (full fine-tuning's usual small one, say)."""
+        return "train.lr" not in variant.overrides
+
+
+@dataclass
 class Bench:
     name: str
     path: Path
@@ -39,6 +53,7 @@ class Bench:
     reference: Path
     overrides: dict
     variants: list[Variant]
+    lr_sweep: LrSweep | None = None
 
 
 def load_bench(path) -> Bench:
@@ -47,7 +62,7 @@ def load_bench(path) -> Bench:
         raise PeftkitError(f"benchmark file {path} does not exist; shipped: "
                            + ", ".join(str(p) for p in sorted(path.parent.glob("train-*.yaml"))))
     data = read_yaml(path)
-    allowed = {"name", "recipe", "reference", "overrides", "variants"}
+    allowed = {"name", "recipe", "reference", "overrides", "variants", "lr_sweep"}
     unknown = sorted(set(data) - allowed)
     if unknown:
         raise PeftkitError(f"{path}: unknown key {unknown[0]}; allowed: {', '.join(sorted(allowed))}")
@@ -64,7 +79,7 @@ def load_bench(path) -> Bench:
     if reference is not None and not reference.is_file():
         raise PeftkitError(f"{path}: reference script {reference} does not exist")
     return Bench(str(data["name"]), path, str(data["recipe"]), reference, dict(data.get("overrides") or {}),
-                 variants)
+                 variants, _lr_sweep(data.get("lr_sweep"), path))
 
 
 def recipe_for(bench: Bench, variant: Variant, extra: list[str] = ()):
@@ -96,6 +111,8 @@ def selected(bench: Bench, only: list[str] | None, extra: list[str]) -> list[Var
         variants = [v for v in variants if v.name in only]
     for variant in variants:
         recipe_for(bench, variant, extra)
+        if bench.lr_sweep and bench.lr_sweep.swept(variant):
+            recipe_for(bench, variant, [*extra, *sweep_trial(bench.lr_sweep, bench.lr_sweep.values[0])])
     return variants
 
 
@@ -111,6 +128,27 @@ def repo_path(name: str) -> str:
     """A path a benchmark file names, under the repository (or the installed share folder) when there."""
     path = Path(name)
     return str(ROOT / path) if not path.is_absolute() and (ROOT / path).is_file() else name
+
+
+def sweep_trial(sweep: LrSweep, lr: float) -> list[str]:
+    """The overrides of one short sweep run at `lr` (after the command line's, so they win)."""
+    return [f"{k}={json.dumps(v)}" for k, v in sweep.overrides.items()] + [f"train.lr={lr!r}"]
+
+
+def _lr_sweep(data, path: Path) -> LrSweep | None:
+    if data is None:
+        return None
+    if not isinstance(data, dict) or sorted(data) != ["overrides", "values"]:
+        raise PeftkitError(f"{path}: lr_sweep must map values (learning rates) and overrides (the short "
+                           "runs' recipe keys, e.g. train.max_steps)")
+    values = data["values"]
+    if not isinstance(values, list) or len(values) < 2 or not all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 for v in values):
+        raise PeftkitError(f"{path}: lr_sweep.values must list two or more positive learning rates, got {values!r}")
+    overrides = data["overrides"]
+    if not isinstance(overrides, dict) or "train.lr" in overrides:
+        raise PeftkitError(f"{path}: lr_sweep.overrides must map dotted recipe keys other than train.lr")
+    return LrSweep([float(v) for v in values], dict(overrides))
 
 
 def _variant(name: str, settings: dict, path: Path) -> Variant:

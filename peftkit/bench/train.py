@@ -15,7 +15,7 @@ from pathlib import Path
 
 from ..errors import PeftkitError
 from . import machine  # called through the module, so that a test's stand-in there is used
-from .benchfile import RESULTS_DIR, Bench, Variant, recipe_for, selected, shown_path
+from .benchfile import RESULTS_DIR, Bench, Variant, recipe_for, selected, shown_path, sweep_trial
 from .train_report import one_line, summary_table, with_mfu, write_results
 
 WARMUP_STEPS = 20  # the untimed run before the table: enough batch shapes to load the common kernels
@@ -31,7 +31,8 @@ def run(bench: Bench, extra: list[str] = (), only: list[str] | None = None, out_
     peaks = [machine.matmul_peaks(device)]
     meta = machine.machine_info(device) | {
         "bench": shown_path(bench.path), "only": list(only or []), "recipe": bench.recipe,
-        "overrides": bench.overrides, "extra": list(extra), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+        "overrides": bench.overrides, "extra": list(extra), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "lr_sweep": bench.lr_sweep and {"values": bench.lr_sweep.values, "overrides": bench.lr_sweep.overrides}}
     stem = out_dir / f"train-{bench.name}-{device}"
     rows, failed = [], []
     log_dir.mkdir(parents=True, exist_ok=True)
@@ -39,7 +40,7 @@ def run(bench: Bench, extra: list[str] = (), only: list[str] | None = None, out_
     for variant in tqdm(variants, desc=f"bench {bench.name}", unit="variant"):
         log = log_dir / f"{bench.name}-{variant.name}-{device}.log"
         try:
-            rows.append(run_child(bench, variant, extra, log))
+            rows.append(run_swept(bench, variant, extra, log))
             tqdm.write(one_line(rows[-1]))
         except PeftkitError as error:  # one broken variant must not cost the others' results
             failed.append({"variant": variant.name, "log": str(log)})
@@ -73,12 +74,28 @@ def warm_up(bench: Bench, variant: Variant, extra: list[str], log: Path) -> None
         print(f"warm-up run failed; going on: {str(error).splitlines()[0]}", file=sys.stderr)
 
 
-def run_child(bench: Bench, variant: Variant, extra: list[str], log: Path) -> dict:
-    """One variant trained by variant.py in a fresh process, its output in `log`: its result row."""
+def run_swept(bench: Bench, variant: Variant, extra: list[str], log: Path) -> dict:
+    """The variant's row, at the learning rate its short sweep runs scored best at on the validation
+    split when the file sweeps it (ties go to the first value), else at its recipe's."""
+    sweep = bench.lr_sweep
+    if sweep is None or not sweep.swept(variant):
+        return run_child(bench, variant, extra, log)
+    trials = []
+    for lr in sweep.values:
+        row = run_child(bench, variant, [*extra, *sweep_trial(sweep, lr)], log.with_suffix(f".lr{lr:g}.log"),
+                        split="validation")
+        trials.append({"lr": lr, "validation": row["score"], "steps": row["steps"]})
+    best = max(trials, key=lambda t: t["validation"])  # max keeps the first of equal scores
+    return run_child(bench, variant, [*extra, f"train.lr={best['lr']!r}"], log) | {"lr_sweep": trials}
+
+
+def run_child(bench: Bench, variant: Variant, extra: list[str], log: Path, split: str = "test") -> dict:
+    """One variant trained by variant.py in a fresh process, its output in `log`: its result row, scored
+    on `split`."""
     with tempfile.TemporaryDirectory(prefix="peftkit-bench-") as tmp:
         out = Path(tmp) / "result.json"
         command = [sys.executable, "-m", "peftkit.bench.variant", "--variant", variant.name, "--out", str(out),
-                   str(bench.path), *extra]
+                   "--split", split, str(bench.path), *extra]
         with open(log, "w") as handle:
             code = subprocess.run(command, stdout=handle, stderr=subprocess.STDOUT).returncode
         if code != 0 or not out.is_file():

@@ -13,7 +13,7 @@ from .benchfile import SPECIAL
 from .params_report import human_size
 
 SPEED_WARMUP_STEPS = 1  # the Meter's default, which the table states: steps left out of speed and MFU
-COLUMNS = [("variant", "variant"), ("base", "base"), ("precision", "compute"), ("ckpt", "grad ckpt"),
+COLUMNS = [("variant", "variant"), ("base", "base"), ("precision", "compute"), ("ckpt", "grad ckpt"), ("lr", "lr"),
            ("ratio", "trainable"), ("file", "file"), ("sps", "samples/s"), ("tps", "tokens/s"),
            ("vs_tuned", "speed vs tuned ref"), ("vs_ref", "speed vs ref"),
            ("peak", "peak RSS MB"), ("added", "added MB"), ("mem_vs", "mem vs lora"), ("mfu", "MFU"),
@@ -67,8 +67,9 @@ def markdown(meta: dict, rows: list[dict], stem: str) -> str:
            + f", the best of readings before{' and after' if len(meta['peak_readings']) > 1 else ''} the variants.",
            "",
            "| " + " | ".join(_titles(rows).values()) + " |",
-           "|" + "|".join(" --- " if k in ("variant", "base", "precision", "ckpt", "score") else " ---: " for k, _ in COLUMNS) + "|"]
+           "|" + "|".join(" --- " if k in ("variant", "base", "precision", "ckpt", "lr", "score") else " ---: " for k, _ in COLUMNS) + "|"]
     out += ["| " + " | ".join(c[k] for k, _ in COLUMNS) + " |" for c in cells]
+    out += _sweep_table(meta, rows)
     if meta.get("failed"):
         out += ["", "**Failed** (no row): " + ", ".join(f"{f['variant']} (log `{f['log']}`)" for f in meta["failed"])]
     memory = ("*peak GPU* = `torch.cuda.max_memory_allocated` while training (weights included; reset when "
@@ -88,6 +89,24 @@ def markdown(meta: dict, rows: list[dict], stem: str) -> str:
             "*final loss* = mean training loss over the last 10% of steps.", "",
             f"![loss curves]({stem}-loss.png)", "", f"![trainable ratio vs metric]({stem}-ratio.png)", ""]
     return "\n".join(out)
+
+
+def _sweep_table(meta: dict, rows: list[dict]) -> list[str]:
+    """The learning-rate sweep's validation scores, a variant a line, the kept rate in bold."""
+    swept = [r for r in rows if r.get("lr_sweep")]
+    if not swept:
+        return []
+    sweep = meta["lr_sweep"]
+    shorter = ", ".join(f"{k}={v}" for k, v in sweep["overrides"].items())
+    out = ["", f"Learning rates marked *swept*: short runs ({shorter}) at each rate, scored by validation "
+               f"{rows[0]['metric']}; the row above trained at the best (the first of equal scores). "
+               "Variants that set their own lr were not swept.", "",
+           "| variant | " + " | ".join(f"lr {v:g}" for v in sweep["values"]) + " |",
+           "| --- |" + " ---: |" * len(sweep["values"])]
+    for r in swept:
+        cells = [f"**{t['validation']:.4f}**" if t["lr"] == r["lr"] else f"{t['validation']:.4f}" for t in r["lr_sweep"]]
+        out.append(f"| {r['variant']} | " + " | ".join(cells) + " |")
+    return out
 
 
 def plot_losses(rows: list[dict], path: Path, meta: dict) -> None:
@@ -141,6 +160,7 @@ def _cells(rows: list[dict]) -> list[dict]:
         cells.append({
             "variant": r["variant"], "base": r["quantize"] or "fp32", "precision": r.get("precision", "fp32"),
             "ckpt": "yes" if r["gradient_checkpointing"] else "no",
+            "lr": f"{r['lr']:g}" + (" (swept)" if r.get("lr_sweep") else ""),
             "ratio": f"{100 * r['ratio']:.3f}%", "file": human_size(r["file_bytes"]),
             "sps": f"{r['samples_per_s']:.2f}", "tps": f"{r['tokens_per_s']:,.0f}",
             "vs_ref": f"{r['samples_per_s'] / ref['samples_per_s']:.2f}x" if ref else "",

@@ -1,7 +1,8 @@
 """One variant of a benchmark file trained and measured in this process: what the driver (train.py)
 runs in a fresh process per variant, so that each variant's peak memory is its own.
 
-    python -m peftkit.bench.variant --variant lora --out result.json benchmarks/train-sentiment.yaml train.max_steps=4
+    python -m peftkit.bench.variant --variant lora --out result.json [--split validation] \
+        benchmarks/train-sentiment.yaml train.max_steps=4
 """
 import argparse
 import json
@@ -13,8 +14,9 @@ from ..errors import PeftkitError
 from .benchfile import REFERENCES, SPECIAL, Bench, Variant, load_bench, recipe_for
 
 
-def run_variant(bench: Bench, variant: Variant, extra: list[str] = ()) -> dict:
-    """Train one variant in this process and measure it; the driver runs this in a fresh process."""
+def run_variant(bench: Bench, variant: Variant, extra: list[str] = (), split: str = "test") -> dict:
+    """Train one variant in this process and measure it, scored on `split` (a learning-rate sweep's
+    short runs are judged on validation); the driver runs this in a fresh process."""
     import peft  # noqa: F401  every variant's libraries are in memory before the baseline is read
     import torch
     from transformers import Trainer  # noqa: F401
@@ -38,7 +40,7 @@ def run_variant(bench: Bench, variant: Variant, extra: list[str] = ()) -> dict:
         trainer.train()
         meter.unwatch()
     with compute(precision, model):  # every variant is tested as it trained
-        scores = task.evaluate(model, tokenizer, splits["test"], recipe, desc="test")
+        scores = task.evaluate(model, tokenizer, splits[split], recipe, desc=split)
     metric = recipe.best_metric
     return {
         "variant": variant.name, "method": variant.method, "quantize": variant.quantize, "precision": precision,
@@ -47,7 +49,7 @@ def run_variant(bench: Bench, variant: Variant, extra: list[str] = ()) -> dict:
         "trainable": report["trainable"], "total": report["total"], "ratio": report["ratio"],
         "file_bytes": _saved_bytes(model, variant.method), "baseline_mb": baseline_mb,
         **meter.result(), "metric": metric, "score": scores[metric], "scores": scores,
-        "test_examples": min(len(splits["test"]), recipe.data.max_eval_samples or len(splits["test"])),
+        "test_examples": min(len(splits[split]), recipe.data.max_eval_samples or len(splits[split])),
     }
 
 
@@ -58,12 +60,13 @@ def main(argv=None) -> int:
     p.add_argument("overrides", nargs="*")
     p.add_argument("--variant", required=True)
     p.add_argument("--out", required=True)
+    p.add_argument("--split", choices=("validation", "test"), default="test", help="the split the row is scored on")
     args = p.parse_args(argv)
     bench = load_bench(args.bench)
     variant = next((v for v in bench.variants if v.name == args.variant), None)
     if variant is None:
         raise PeftkitError(f"no variant {args.variant!r} in {args.bench}")
-    result = run_variant(bench, variant, args.overrides)
+    result = run_variant(bench, variant, args.overrides, args.split)
     Path(args.out).write_text(json.dumps(result))
     return 0
 
