@@ -7,6 +7,7 @@
     merged = peftkit.merge(model)
     model = peftkit.combine(base_model, ["runs/a", "runs/b"], "linear", [0.5, 0.5])  # one adapter of several
     bank = peftkit.AdapterBank("smollm2-135m")     # one base, many adapters, one per batch row
+    peftkit.activate(model, peftkit.Stack("lang", "task"))  # or Parallel, Average: adapters composed
 """
 __version__ = "0.1.0"
 
@@ -34,7 +35,8 @@ warnings.filterwarnings("ignore", message="`(is_)?gradient_checkpointing(_enable
 # The public API, imported on first use: `peftkit --help` and `peftkit recipes` need no torch.
 _API = {"attach": "attach", "param_report": "report", "save_adapter": "saving", "load_adapter": "saving",
         "merge": "merge", "combine": "combine", "load_model": "loading", "load_tokenizer": "loading", "PeftkitError": "errors",
-        "AdapterBank": "bank"}
+        "AdapterBank": "bank", "Stack": "composition", "Parallel": "composition", "Average": "composition",
+        "activate": "composition"}
 __all__ = list(_API)
 
 

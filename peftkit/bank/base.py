@@ -27,6 +27,7 @@ from ..saving import WEIGHTS, adapter_info, inject_saved, read_adapter_config, r
 from ..turns import Turns
 from .heads import HeadSwitch, head_like
 from .lora import LoraHooks, strip
+from .rows import lead
 
 SERVED = ("causal-lm", "classification", "qa")  # the tasks the bank has front-ends for
 PEFT_TASKS = {peft: task for task, peft in MODEL_TASKS.values() if task in SERVED}
@@ -178,7 +179,8 @@ class Holder:
             raise PeftkitError(f"{what} needs a tokenizer: AdapterBank(model, tokenizer=...)")
 
     def _setting(self, name: str | None, key: str):
-        """A length setting of an adapter's run recipe, or the default."""
+        """A length setting of a row's adapter's run recipe (a block's: its last adapter's), or the default."""
+        name = lead(name)
         recipe = self.entries[name].recipe if name else None
         if key == "max_new_tokens":
             return recipe.train.max_new_tokens if recipe else DEFAULTS["max_new_tokens"]

@@ -8,6 +8,7 @@ Mixed into AdapterBank; uses base.py's Holder (tokenizer, entries, settings), ro
 and _rows, and generate.py's generate.
 """
 from ..errors import PeftkitError
+from .rows import lead
 
 
 class Frontends:
@@ -26,7 +27,7 @@ class Frontends:
             batch = self.tokenizer.pad(encoded, return_tensors="pt").to(self.model.device)
             logits = self.forward(names, **batch).logits.float()
             for row, name in zip(logits, names):
-                labels = self.entries[name].labels
+                labels = self.entries[lead(name)].labels
                 probs = row[:len(labels)].softmax(-1).tolist()
                 best = max(range(len(labels)), key=probs.__getitem__)
                 out.append({"label": labels[best], "score": round(probs[best], 4),

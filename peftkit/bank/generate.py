@@ -18,6 +18,7 @@ import torch
 from transformers import DynamicCache, LogitsProcessorList, StoppingCriteriaList
 
 from ..decoding import RowSampler, Sequence, Watch
+from .rows import lead
 
 PREFILL_TOKENS = 512  # prompt tokens (rows x columns) one prefill step of decode takes at most
 
@@ -49,7 +50,7 @@ class Generation:
         from ..tasks.generation import ChatPrompt
         if not template:
             return self.tokenizer(prompt)["input_ids"]
-        recipe = self.entries[adapter].recipe if adapter else None
+        recipe = self.entries[lead(adapter)].recipe if adapter else None
         instruction = recipe.data.instruction if recipe else None
         limit = recipe.train.max_length - recipe.train.max_new_tokens if recipe else None
         return ChatPrompt(self.tokenizer, instruction).encode(prompt, limit)

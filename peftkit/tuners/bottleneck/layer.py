@@ -7,10 +7,13 @@
         the wrapped output (sequential: Houlsby/Pfeiffer) or the feed-forward input (parallel)
 
 The wrapper keeps adapters by name in `adapters` (an nn.ModuleDict), so one model can
-hold many; `active` picks one (a name), none (None) or one per batch row (a tuple).
+hold many; `active` picks one (a name), none (None), a composition block (peftkit.composition),
+or one name, block or None per batch row (a tuple).
 """
 import torch
 from torch import nn
+
+from ...composition import Average, Block, Parallel, Stack
 
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "tanh": nn.Tanh}
 
@@ -57,19 +60,36 @@ class BottleneckWrapper(nn.Module):
         return self._add(out, x)
 
     def _add(self, h, x):
-        if isinstance(self.active, str):
-            return h + self._delta(self.active, h, x) if self.active in self.adapters else h
-        # Mixed batch: each adapter runs on its own rows only, and index_add writes those
-        # rows back, so every row equals a run of that row alone with its adapter.
-        names = rows_per_entry(self.active, h.shape[0])
+        if self.active is None or isinstance(self.active, str) or (isinstance(self.active, Block)
+                                                                    and not isinstance(self.active, Parallel)):
+            return self._output(self.active, h, x)
+        # Mixed batch (or Parallel's copies of it): each entry runs on its own rows only, and
+        # index_copy writes those rows back, so every row equals a run of that row alone with it.
+        entries = self.active.adapters if isinstance(self.active, Parallel) else self.active
+        names = rows_per_entry(entries, h.shape[0])
         out = h
-        for name in dict.fromkeys(names):
-            if name is None or name not in self.adapters:
+        for entry in dict.fromkeys(names):
+            if entry is None:
                 continue
-            rows = torch.tensor([i for i, n in enumerate(names) if n == name], device=h.device)
+            rows = torch.tensor([i for i, n in enumerate(names) if n == entry], device=h.device)
             xs = None if x is None else x.index_select(0, rows)
-            out = out.index_add(0, rows, self._delta(name, h.index_select(0, rows), xs))
+            out = out.index_copy(0, rows, self._output(entry, h.index_select(0, rows), xs))
         return out
+
+    def _output(self, entry, h, x):
+        """The site's output under `entry`: an adapter's name or a block; adapters not at this site add nothing."""
+        if isinstance(entry, str):
+            return h + self._delta(entry, h, x) if entry in self.adapters else h
+        if isinstance(entry, Stack):  # each adapter reads the output of the one before it
+            for name in entry.adapters:
+                if name in self.adapters:
+                    h = h + self._delta(name, h, x)
+            return h
+        if isinstance(entry, Average):  # its adapters sit at the same sites (set_active checks)
+            if entry.adapters[0] not in self.adapters:
+                return h
+            return h + sum(w * self._delta(name, h, x) for name, w in zip(entry.adapters, entry.weights))
+        return h
 
     def _delta(self, name, h, x):
         adapter = self.adapters[name]

@@ -3,7 +3,8 @@
     inject(model, config, name)                      add adapter `name` (and make it active)
     adapter_state_dict(model, name) -> {key: tensor} keys are module paths, without `name`
     load_adapter_state_dict(model, name, state_dict) strict; nothing changes on error
-    set_active(model, name | None | [name-or-None per batch row])
+    set_active(model, name | block | None | [name, Stack, Average or None per batch row])
+    check_active(model, name | block | ...)         set_active's checks alone
     remove(model, name)                              unwraps modules left without adapters
 
 Where adapters go: Houlsby after every attention output projection and feed-forward
@@ -19,6 +20,7 @@ import torch
 from torch import nn
 
 from ...architectures import layout_of
+from ...composition import Average, Block, Parallel, Stack
 from ...errors import PeftkitError
 from .config import Config
 from .layer import Bottleneck, BottleneckWrapper
@@ -102,21 +104,80 @@ def load_adapter_state_dict(model: nn.Module, name: str, state_dict: dict) -> No
 
 
 def set_active(model: nn.Module, name) -> None:
+    """`name`: an adapter's name, a block (peftkit.composition), None, or one name, Stack, Average or
+    None per batch row. Under Parallel the model repeats its batch once per adapter (see _Replicate)."""
     state = _state(model)
-    known = state["adapters"]
-    if isinstance(name, (list, tuple)):
-        if not name:
-            raise PeftkitError("set_active got an empty list; give one adapter name (or None) per batch row")
-        bad = [n for n in name if n is not None and n not in known]
-        if bad:
-            raise PeftkitError(f"unknown adapter(s) {_some(sorted(set(map(str, bad))))}; existing: {_some(list(known)) or 'none'}")
-        name = tuple(name)
-    elif name is not None and name not in known:
-        raise PeftkitError(f"unknown adapter {name!r}; existing: {_some(list(known)) or 'none'}")
+    name = check_active(model, name)
     state["active"] = name
+    _replicate(model, len(name.adapters) if isinstance(name, Parallel) else None)
     for module in model.modules():
         if isinstance(module, BottleneckWrapper):
             module.active = name
+
+
+def check_active(model: nn.Module, name):
+    """`name` as set_active takes it (a list made a tuple), or PeftkitError; changes nothing."""
+    state = _state(model)
+    if isinstance(name, (list, tuple)):
+        if not name:
+            raise PeftkitError("set_active got an empty list; give one adapter name (or None) per batch row")
+        parallel = [n for n in name if isinstance(n, Parallel)]
+        if parallel:
+            raise PeftkitError(f"a batch row cannot run {parallel[0]!r}: Parallel repeats the whole batch; "
+                               "give it to set_active alone, or give the rows one adapter each")
+        for entry in dict.fromkeys(n for n in name if n is not None):
+            _check_entry(state, entry)
+        name = tuple(name)
+    elif name is not None:
+        _check_entry(state, name)
+    return name
+
+
+def _check_entry(state: dict, entry) -> None:
+    known = state["adapters"]
+    names = entry.adapters if isinstance(entry, Block) else (entry,)
+    bad = [n for n in names if not isinstance(n, str) or n not in known]
+    if bad:
+        raise PeftkitError(f"unknown adapter(s) {_some(sorted(set(map(str, bad))))}; existing: {_some(list(known)) or 'none'}")
+    if isinstance(entry, (str, Stack, Parallel)):
+        return
+    if isinstance(entry, Average):
+        sites = {n: known[n][1] for n in entry.adapters}
+        first = entry.adapters[0]
+        for n in entry.adapters[1:]:
+            if sites[n] != sites[first]:
+                raise PeftkitError(f"{entry!r}: {first!r} sits at {len(sites[first])} sites "
+                                   f"({_some(sites[first], 2)}) and {n!r} at {len(sites[n])} ({_some(sites[n], 2)}); "
+                                   "Average needs adapters at the same sites (Stack takes any)")
+        return
+    raise PeftkitError(f"{entry!r} is not supported here; give an adapter's name, Stack, Parallel or Average")
+
+
+class _Replicate:
+    """A model's forward pre-hook under Parallel: every input tensor with the batch's rows is repeated,
+    copy after copy, once per adapter; the wrappers give copy i to adapter i (rows_per_entry)."""
+
+    def __init__(self, copies: int):
+        self.copies = copies
+
+    def __call__(self, module, args, kwargs):
+        first = next((t for t in (*args, *kwargs.values()) if isinstance(t, torch.Tensor)), None)
+        if first is None:
+            return None
+        rows = first.shape[0]
+
+        def repeat(t):
+            return torch.cat([t] * self.copies) if isinstance(t, torch.Tensor) and t.dim() and t.shape[0] == rows else t
+        return tuple(map(repeat, args)), {k: repeat(v) for k, v in kwargs.items()}
+
+
+def _replicate(model, copies: int | None) -> None:
+    hooks = model._forward_pre_hooks
+    # found by type rather than kept as a handle, so a deep-copied model stays consistent
+    for key in [k for k, fn in hooks.items() if isinstance(fn, _Replicate)]:
+        del hooks[key]
+    if copies:
+        model.register_forward_pre_hook(_Replicate(copies), with_kwargs=True)
 
 
 def remove(model: nn.Module, name: str) -> None:
@@ -135,10 +196,14 @@ def remove(model: nn.Module, name: str) -> None:
         return
     active = state["active"]
     if isinstance(active, tuple):
-        active = tuple(None if n == name else n for n in active)
-    elif active == name:
+        active = tuple(None if _uses(n, name) else n for n in active)
+    elif _uses(active, name):
         active = None
     set_active(model, active)
+
+
+def _uses(entry, name: str) -> bool:
+    return entry == name or (isinstance(entry, Block) and name in entry.adapters)
 
 
 # --- where adapters go ---
