@@ -8,6 +8,7 @@
     model = peftkit.combine(base_model, ["runs/a", "runs/b"], "linear", [0.5, 0.5])  # one adapter of several
     bank = peftkit.AdapterBank("smollm2-135m")     # one base, many adapters, one per batch row
     peftkit.activate(model, peftkit.Stack("lang", "task"))  # or Parallel, Average: adapters composed
+    peftkit.fuse(model, ["sentiment", "topic"])    # AdapterFusion over them; only its layers train
 """
 __version__ = "0.1.0"
 
@@ -36,7 +37,7 @@ warnings.filterwarnings("ignore", message="`(is_)?gradient_checkpointing(_enable
 _API = {"attach": "attach", "param_report": "report", "save_adapter": "saving", "load_adapter": "saving",
         "merge": "merge", "combine": "combine", "load_model": "loading", "load_tokenizer": "loading", "PeftkitError": "errors",
         "AdapterBank": "bank", "Stack": "composition", "Parallel": "composition", "Average": "composition",
-        "activate": "composition"}
+        "Fuse": "composition", "activate": "composition", "fuse": "composition"}
 __all__ = list(_API)
 
 

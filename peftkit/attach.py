@@ -53,8 +53,9 @@ def attach(model, spec, name: str | None = None, gradient_checkpointing: bool | 
                            f"so {spec.method} goes on a fresh base")
     base = base_model(model)
     heads = task_heads(base)
-    info = AdapterInfo(spec.method, spec.options, base_name(base), base_fingerprint(model, heads), task_of(base))
     config = about.config(spec.options, base, heads)
+    info = AdapterInfo(spec.method, about.recorded(spec.options, config), base_name(base),
+                       base_fingerprint(model, heads), task_of(base))
     gradient_checkpointing = _checkpointing(about, gradient_checkpointing, is_quantized(base))
     if not existing:
         _freeze(base, gradient_checkpointing)

@@ -5,6 +5,7 @@
     Parallel("a", "b")                     the batch runs once per adapter: B rows in, 2B rows out
     Fuse("a", "b")                         AdapterFusion over the adapters (add its layers with fuse)
     activate(model, "a" | block | None)    switch what a model runs: one adapter, a block, or the base alone
+    fuse(model, ["a", "b"], name="fusion") add AdapterFusion layers over adapters (held, or folders); only they train
 
 A block is given wherever an active adapter is: activate, the bottleneck tuner's set_active, and
 AdapterBank rows (Stack and Average). Blocks hold adapter names only: nested blocks are refused.
@@ -87,31 +88,32 @@ class Average(Block):
 
 
 def activate(model, what):
-    """Make `what` the model's active adapters: an adapter's name, a block over its bottleneck adapters
-    (each named adapter held by the model), or None for the base model alone (peftkit's own methods)."""
+    """Make `what` the model's active adapters: an adapter's name (a fusion's, or one it fuses), a block
+    over its bottleneck adapters, or None for the base model alone (peftkit's own methods)."""
     from .anatomy import adapters_of
     from .methods import method
 
     held = adapters_of(model)
     if not held:
         raise PeftkitError("the model holds no peftkit adapter; call peftkit.attach or load_adapter first")
+    known = _bottleneck_adapters(held)
     if isinstance(what, Block):
         from .tuners.bottleneck.model import check_active
-        target = check(what, held)[0]
+        target = check(what, known)[0]
         check_active(model, what)  # the sites line up, a Fuse has its fusion: before any switch changes
     elif what is None:
         target = None
         if any(method(i.method).peft_native for i in held.values()):
             raise PeftkitError("a peft model always runs one of its adapters; for the base alone use "
                                "`with model.disable_adapter():`")
-    elif isinstance(what, str) and what in held:
-        target = held[what].method
+    elif isinstance(what, str) and what in known:
+        target = known[what].method
         if method(target).peft_native:
             model.set_adapter(what)
             return model
     else:
         raise PeftkitError(f"activate takes an adapter's name, Stack/Parallel/Average/Fuse or None, got {what!r}; "
-                           f"the model holds {', '.join(held)}")
+                           f"the model holds {', '.join(known)}")
     # every switch of the model's own adapters goes off first (a composite's parts too), then the target's on
     own = {i.method for i in held.values() if not method(i.method).peft_native}
     for module in sorted({s for m in own for s in method(m).switches}):
@@ -119,6 +121,15 @@ def activate(model, what):
     if target is not None:
         method(target).tuner.set_active(model, what)
     return model
+
+
+def fuse(model, adapters, name: str = "fusion"):
+    """Add AdapterFusion layers (tuners/bottleneck/fusion.py) over bottleneck `adapters`, each a name the
+    model holds or an adapter folder trained on its base, and make the fusion active. Every adapter is
+    frozen: only the fusion layers and the task heads train. save_adapter(model, path, name) saves the
+    fusion with the adapters it fuses."""
+    from .attach import attach
+    return attach(model, {"method": "fusion", "adapters": list(adapters)}, name=name)
 
 
 def check(block: Block, held: dict) -> list[str]:
@@ -152,3 +163,17 @@ def check(block: Block, held: dict) -> list[str]:
 def _is_bottleneck(about) -> bool:
     return about.tuner_module == "peftkit.tuners.bottleneck"
 
+
+
+def _bottleneck_adapters(held: dict) -> dict:
+    """{name: AdapterInfo} of the adapters a model holds, with those its fusions brought in (a fusion's
+    record lists them under "adapters" as {name: {"method", options}})."""
+    from .anatomy import AdapterInfo
+
+    out = dict(held)
+    for info in held.values():
+        fused = info.options.get("adapters")
+        for name, options in fused.items() if isinstance(fused, dict) else ():
+            out.setdefault(name, AdapterInfo(options["method"], options, info.base_name, info.base_fingerprint,
+                                             info.task))
+    return out

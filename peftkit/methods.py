@@ -65,6 +65,12 @@ class Method:
         """The tuner's config for `model` (whose task heads stay trainable)."""
         return self.tuner.build_config(self.name, options, model, heads)
 
+    def recorded(self, options: dict, config) -> dict:
+        """The options an adapter's record keeps, from which load_adapter rebuilds it: those given, or what
+        a tuner whose options name other adapters resolved them to (fusion: each fused adapter's own)."""
+        resolve = getattr(self.tuner, "recorded_options", None)
+        return options if resolve is None else resolve(config)
+
 
 _ADDS_COMPUTATION = "it adds computation of its own rather than a weight update (use load_adapter for inference)"
 _PROMPT = "it prepends learned embeddings to every input, which no base weight can hold (use load_adapter)"
@@ -110,6 +116,10 @@ METHODS = {m.name: m for m in (
            gradient_checkpointing=True, bank_rows=False, peft_type="P_TUNING", prepends_tokens=True,
            why_not_mergeable=_PROMPT,  # Liu et al. 2021
            why_no_resume="saves the prompt its encoder made, not the encoder, so the run cannot go on training it"),
+    # attention over bottleneck adapters' outputs, built over adapters the model holds or adapter folders
+    Method("fusion", "AdapterFusion", "peftkit.tuners.bottleneck.fusion", peft_native=False, mergeable=False,
+           quantized_base=True, gradient_checkpointing=True, bank_rows=False,  # Pfeiffer et al. 2021
+           why_not_mergeable="AdapterFusion attends over its adapters' outputs at every site: " + _ADDS_COMPUTATION),
     Method("prefix", "prefix tuning", "peftkit.tuners.prefix", peft_native=False, mergeable=False, quantized_base=True,
            gradient_checkpointing=False, bank_rows=True,  # Li & Liang 2021
            why_not_mergeable="prefix tuning adds key/value slots to attention: " + _ADDS_COMPUTATION,

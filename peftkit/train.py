@@ -19,7 +19,7 @@ from accelerate import PartialState
 from transformers import EarlyStoppingCallback, TrainingArguments, set_seed
 from transformers.integrations import TensorBoardCallback
 
-from .anatomy import pick_adapter
+from .anatomy import pick_adapter, task_heads
 from .attach import attach
 from .compiling import CompiledBlocks, resolve_compile
 from .datasource import load_splits
@@ -75,6 +75,8 @@ def set_up(recipe: Recipe, processes: int = 1) -> Setup:
                        matmul_dtype=torch.bfloat16 if precision == "bf16" else torch.float32,
                        **prepared.model_kwargs, **recipe.model_config)
     spec.about.check_input_length(spec.options, model, recipe.train.max_length, "train.max_length")
+    spec.about.config(spec.options, model, task_heads(model))  # refused here, not after the base's test: a fusion's
+    # adapter folders trained on another base or for another task
     attention = choose_attention(model, precision, recipe.train.batch_size, recipe.train.max_length)
     return Setup(task, tokenizer, splits, prepared, model, spec, precision, attention, steps, eval_steps)
 

@@ -11,6 +11,7 @@ from transformers import Trainer, TrainerCallback
 
 from .batching import LengthBucketSampler
 from .saving import restore_adapter_weights, write_adapter_files
+from .tuners.bottleneck.fusion import regularization as fusion_regularization
 
 
 class AdapterTrainer(Trainer):
@@ -51,6 +52,13 @@ class AdapterTrainer(Trainer):
             return super().training_step(model, *args, **kwargs)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        result = self._task_loss(model, inputs, return_outputs, num_items_in_batch)
+        penalty = fusion_regularization(model)  # AdapterFusion's value matrices pulled toward identity
+        if penalty is None:
+            return result
+        return (result[0] + penalty, *result[1:]) if return_outputs else result + penalty
+
+    def _task_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if self.task_loss is None or return_outputs:
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         # Normalized over the whole accumulated batch when the Trainer counted its tokens

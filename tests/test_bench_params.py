@@ -139,6 +139,10 @@ def test_meta_counts_equal_real_attach_and_real_files(arch, task, method, config
                                                "builds its layers .*meta"):
             param_table(path, [method], task=task)
         return
+    if method == "fusion":  # fuses adapters trained before: none to count on a config alone
+        with pytest.raises(PeftkitError, match="cannot attach 'fusion' .*: fusion needs 'adapters'"):
+            param_table(path, [method], task=task)
+        return
     (row,) = param_table(path, [method], task=task)
 
     config, _ = load_config(path)
@@ -335,9 +339,11 @@ def test_cli_formats(config_file, capsys):
     path = str(config_file("llama"))
     notes = []
     rows = json.loads(run(["params", "--model", path, "--format", "json"], capsys, notes))
-    # every registered method by default, but BOFT: its layers compute permutations the meta device cannot
-    assert [r["method"] for r in rows] == [m for m in REGISTRY if m != "boft"]
+    # every registered method by default, but BOFT: its layers compute permutations the meta device cannot;
+    # and AdapterFusion, which is built over other adapters
+    assert [r["method"] for r in rows] == [m for m in REGISTRY if m not in ("boft", "fusion")]
     assert "peftkit: note: boft left out: cannot count 'boft' from a config" in notes[0]
+    assert "peftkit: note: fusion left out: " in notes[0] and "fusion needs 'adapters'" in notes[0]
     assert rows[0]["trainable"] == expected_tiny("llama", "lora")
 
     out = run(["params", "--model", path, "--method", "lora", "--method", "dora", "--format", "csv"], capsys)

@@ -264,7 +264,7 @@ def test_the_tuner_refuses_parallel_in_a_row_and_unsupported_blocks():
         bn.set_active(model, [Parallel("a", "b"), "a"])
     with pytest.raises(PeftkitError, match=r"unknown adapter\(s\) zz"):
         bn.set_active(model, ["a", Stack("a", "zz")])
-    with pytest.raises(PeftkitError, match=r"Fuse\('a', 'b'\) is not supported here"):
+    with pytest.raises(PeftkitError, match=r"no fusion over 'a', 'b'; add one with peftkit.fuse"):
         bn.set_active(model, Fuse("a", "b"))
 
 

@@ -22,6 +22,16 @@ def spec_of(name: str) -> dict:
     return {"method": name, **METHODS[name].for_run(options, 10)}
 
 
+def attached(name: str, arch: str, task: str, tmp_path):
+    """A tiny model with method `name` attached at its defaults; AdapterFusion, which fuses adapters, over
+    the folders of two Pfeiffer adapters trained a step each."""
+    if name != "fusion":
+        return peftkit.attach(make_tiny(arch, task), spec_of(name))
+    folders = [str(peftkit.save_adapter(trained(peftkit.attach(make_tiny(arch, task), "pfeiffer"), tiny_inputs(seed=s)),
+                                        tmp_path / f"pfeiffer-{s}")) for s in (1, 2)]
+    return peftkit.attach(make_tiny(arch, task), {"method": "fusion", "adapters": folders})
+
+
 def logits(model, inputs):
     with torch.no_grad():
         return model(**inputs).logits
@@ -45,7 +55,7 @@ def test_every_tuner_module_has_the_contract(name):
 @pytest.mark.parametrize("name", list(METHODS))
 @pytest.mark.parametrize("arch,task", [("bert", "cls"), ("llama", "lm")])
 def test_every_registered_method_attaches_trains_saves_and_loads(tmp_path, name, arch, task):
-    model = peftkit.attach(make_tiny(arch, task), spec_of(name))
+    model = attached(name, arch, task, tmp_path)
     base = dict(make_tiny(arch, task).named_parameters())
     inputs = tiny_inputs()
     before = {k: v.clone() for k, v in model.state_dict().items()}

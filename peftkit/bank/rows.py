@@ -42,21 +42,23 @@ class RowSelection:
         rows = list(adapter) if isinstance(adapter, (list, tuple)) else [adapter] * n
         if len(rows) != n:
             raise PeftkitError(f"got {len(rows)} adapters for a batch of {n} rows; give one per row")
+        blocks = list(dict.fromkeys(r for r in rows if isinstance(r, Block)))
+        wrong = [b for b in blocks if not isinstance(b, (Stack, Average))]
+        if wrong:
+            raise PeftkitError(f"a bank row can run Stack or Average, not {wrong[0]!r}"
+                               + (" (it repeats the batch: give the rows one adapter each instead)"
+                                  if isinstance(wrong[0], Parallel) else ""))
         named = [a for r in rows for a in (r.adapters if isinstance(r, Block) else (r,))]
         unknown = sorted({str(r) for r in named if r is not None and r not in self.entries})
         if unknown:
             raise PeftkitError(f"unknown adapter(s) {', '.join(unknown)}; loaded: {', '.join(self.entries) or 'none'}")
-        for block in dict.fromkeys(r for r in rows if isinstance(r, Block)):
+        for block in blocks:
             self._check_block(block)
         return rows
 
     def _check_block(self, block) -> None:
         """A row's block: a Stack or Average of bottleneck adapters; a Stack may start with one LoRA
         adapter (LoRA changes the layers' weights, the bottleneck adapters then add after them)."""
-        if not isinstance(block, (Stack, Average)):
-            raise PeftkitError(f"a bank row can run Stack or Average, not {block!r}"
-                               + (" (it repeats the batch: give the rows one adapter each instead)"
-                                  if isinstance(block, Parallel) else ""))
         lora = [n for n in block.adapters if method(self.entries[n].method).peft_native]
         if lora and not (isinstance(block, Stack) and lora == [block.adapters[0]]):
             raise PeftkitError(f"{block!r}: LoRA adapters ({', '.join(lora)}) compose only first in a Stack, one "

@@ -8,12 +8,13 @@
 
 The wrapper keeps adapters by name in `adapters` (an nn.ModuleDict), so one model can
 hold many; `active` picks one (a name), none (None), a composition block (peftkit.composition),
-or one name, block or None per batch row (a tuple).
+or one name, block or None per batch row (a tuple). AdapterFusion layers sit beside them in
+`fusions` (tuners/bottleneck/fusion.py).
 """
 import torch
 from torch import nn
 
-from ...composition import Average, Block, Parallel, Stack
+from ...composition import Average, Block, Fuse, Parallel, Stack
 
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "tanh": nn.Tanh}
 
@@ -43,6 +44,7 @@ class BottleneckWrapper(nn.Module):
         super().__init__()
         self.base_layer = base_layer
         self.adapters = nn.ModuleDict()
+        self.fusions = nn.ModuleDict()  # AdapterFusion layers at this site, by fusion name (fusion.py)
         self.active = None  # None | adapter name | tuple with one name-or-None per batch row
         self.source = None  # (module,) whose input parallel adapters read, when it isn't base_layer
         self._captured = None  # that module's latest input, set by its forward pre-hook
@@ -89,15 +91,21 @@ class BottleneckWrapper(nn.Module):
             if entry.adapters[0] not in self.adapters:
                 return h
             return h + sum(w * self._delta(name, h, x) for name, w in zip(entry.adapters, entry.weights))
+        if isinstance(entry, Fuse):  # the fusion layer attends over the adapters' additions
+            fusion = next((f for f in self.fusions.values() if f.adapters == entry.adapters), None)
+            if fusion is None:
+                return h
+            deltas = [self._delta(name, h, x, torch.float32) for name in entry.adapters]
+            return h + fusion(h.float(), deltas).to(h.dtype)
         return h
 
-    def _delta(self, name, h, x):
+    def _delta(self, name, h, x, dtype=None):
         adapter = self.adapters[name]
         src = x if adapter.parallel else h
         if src is None:
             raise RuntimeError(f"parallel adapter {name!r} did not see the feed-forward input in this forward pass")
         # fp32 adapter on a possibly fp16/bf16 (or 4/8-bit) base: compute in fp32, add in the output's dtype
-        return adapter(src.float()).to(h.dtype)
+        return adapter(src.float()).to(dtype or h.dtype)
 
     # --- parallel adapters whose input is another module's input (BERT: `intermediate`) ---
 

@@ -20,13 +20,14 @@ import torch
 from torch import nn
 
 from ...architectures import layout_of
-from ...composition import Average, Block, Parallel, Stack
+from ...composition import Average, Block, Fuse, Parallel, Stack
 from ...errors import PeftkitError
 from .config import Config
 from .layer import Bottleneck, BottleneckWrapper
 from .phm import SHARED, Compacter, check_widths, new_rule
 
-STATE = "_peftkit_bottleneck"  # model attribute: {"adapters": {name: (config, [site names])}, "active": ...}
+STATE = "_peftkit_bottleneck"  # model attribute: {"adapters": {name: (config, [site names])}, "active": ...,
+# "fusions": {name: (fused adapter names, [site names], [adapters the fusion brought in])}} (see fusion.py)
 
 
 def inject(model: nn.Module, config: Config, name: str) -> None:
@@ -82,7 +83,12 @@ def adapter_state_dict(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
 
 
 def load_adapter_state_dict(model: nn.Module, name: str, state_dict: dict) -> None:
-    own = _adapter_tensors(model, name)
+    copy_strict(_adapter_tensors(model, name), state_dict, f"bottleneck adapter {name!r}")
+
+
+def copy_strict(own: dict, state_dict: dict, what: str) -> None:
+    """Copy `state_dict` into the tensors `own` ({key: parameter}) when its keys and shapes are exactly
+    theirs; otherwise change nothing and name every problem."""
     missing = sorted(set(own) - set(state_dict))
     unexpected = sorted(set(state_dict) - set(own))
     problems = []
@@ -97,7 +103,7 @@ def load_adapter_state_dict(model: nn.Module, name: str, state_dict: dict) -> No
         elif value.shape != own[key].shape:
             problems.append(f"{key} has shape {tuple(value.shape)}, expected {tuple(own[key].shape)}")
     if problems:
-        raise PeftkitError(f"cannot load bottleneck adapter {name!r}: " + "; ".join(problems))
+        raise PeftkitError(f"cannot load {what}: " + "; ".join(problems))
     with torch.no_grad():
         for key, param in own.items():
             param.copy_(state_dict[key])
@@ -150,7 +156,12 @@ def _check_entry(state: dict, entry) -> None:
                                    f"({_some(sites[first], 2)}) and {n!r} at {len(sites[n])} ({_some(sites[n], 2)}); "
                                    "Average needs adapters at the same sites (Stack takes any)")
         return
-    raise PeftkitError(f"{entry!r} is not supported here; give an adapter's name, Stack, Parallel or Average")
+    if isinstance(entry, Fuse) and entry.adapters in [adapters for adapters, *_ in state["fusions"].values()]:
+        return
+    if isinstance(entry, Fuse):
+        raise PeftkitError(f"no fusion over {', '.join(map(repr, entry.adapters))}; add one with "
+                           f"peftkit.fuse(model, {list(entry.adapters)!r})")
+    raise PeftkitError(f"{entry!r} is not supported here; give an adapter's name, Stack, Parallel, Average or Fuse")
 
 
 class _Replicate:
@@ -183,6 +194,9 @@ def _replicate(model, copies: int | None) -> None:
 def remove(model: nn.Module, name: str) -> None:
     state = _state(model)
     _, sites = _entry(model, name)
+    fused = [f for f, (adapters, *_) in state["fusions"].items() if name in adapters]
+    if fused:
+        raise PeftkitError(f"adapter {name!r} is fused by {fused[0]!r}; remove that fusion first")
     for site in sites:
         wrapper = model.get_submodule(site)
         del wrapper.adapters[name]
@@ -310,7 +324,7 @@ def _state(model) -> dict:
     # Lives in the model's __dict__ (not a submodule or buffer), so it follows the model
     # object and never shows up in its state dict. inject attaches it; a model that never
     # had an adapter gets a detached empty one, so failed calls leave no trace.
-    return model.__dict__.get(STATE) or {"adapters": {}, "active": None}
+    return model.__dict__.get(STATE) or {"adapters": {}, "active": None, "fusions": {}}
 
 
 def _entry(model, name):
