@@ -207,3 +207,33 @@ def test_a_fuse_block_needs_its_fusion_and_the_bank_serves_none():
     bank = AdapterBank(make_tiny("llama", "lm"))
     with pytest.raises(PeftkitError, match=r"a bank row can run Stack or Average, not Fuse"):
         bank.forward([Fuse("x", "y"), None], **tiny_inputs())
+
+
+def test_the_trainer_adds_the_value_regularization_to_the_task_loss():
+    from types import SimpleNamespace
+
+    from peftkit.trainer import AdapterTrainer
+    model = fused("bert", "cls")
+    with torch.no_grad():
+        fusions(model)[0].value.weight.mul_(2)
+    task = SimpleNamespace(_task_loss=lambda *args: torch.tensor(1.5))
+    loss = AdapterTrainer.compute_loss(task, model, {})
+    close(loss, 1.5 + regularization(model), atol=0)
+    assert regularization(model) >= 0.01 * 32  # ||I - 2I||^2 = 32 on the first layer alone
+    plain = peftkit.attach(make_tiny("bert", "cls"), "pfeiffer")
+    assert AdapterTrainer.compute_loss(task, plain, {}) == 1.5  # no fusion, no penalty
+
+
+def test_a_fusion_recipe_refuses_adapters_of_another_base_before_training(tmp_path):
+    from peftkit.recipe import load_recipe
+    from peftkit.train import set_up
+    spec = {"method": "pfeiffer", "bottleneck_size": 8}
+    tiny = [saved(tmp_path, "bert", "cls", spec, s, f"tiny-{s}") for s in (0, 1)]  # not MiniLM's
+    small = ["data.max_train_samples=16", "data.max_eval_samples=8", "train.max_steps=1", "train.max_length=32"]
+    recipe = load_recipe("sentiment-fusion", small + [f"method.adapters=[{tiny[0]}, {tiny[1]}]"])
+    with pytest.raises(PeftkitError, match=r"fusion: .*tiny-0: this adapter was trained on .* but the model given "
+                                           r"is 'minilm-l6'"):
+        set_up(recipe)
+    recipe = load_recipe("sentiment-fusion", small + [f"method.adapters=[{tmp_path / 'nothing'}, {tiny[1]}]"])
+    with pytest.raises(PeftkitError, match=r"fusion: '.*nothing' is neither an adapter the model holds"):
+        set_up(recipe)
