@@ -146,7 +146,7 @@ def check(block: Block, held: dict) -> list[str]:
     other = [(a, i.method) for a, i in zip(block.adapters, infos) if not _is_bottleneck(method(i.method))]
     if other:
         raise PeftkitError(f"{block!r}: {other[0][0]!r} is {other[0][1]}; blocks compose bottleneck adapters "
-                           "(houlsby, pfeiffer, parallel)")
+                           f"({', '.join(_bottleneck_methods())})")
     first = infos[0]
     for name, info in zip(block.adapters[1:], infos[1:]):
         if info.task.get("class") != first.task.get("class"):
@@ -162,6 +162,11 @@ def check(block: Block, held: dict) -> list[str]:
 
 def _is_bottleneck(about) -> bool:
     return about.tuner_module == "peftkit.tuners.bottleneck"
+
+
+def _bottleneck_methods() -> list[str]:
+    from .methods import METHODS
+    return [m.name for m in METHODS.values() if _is_bottleneck(m)]
 
 
 

@@ -280,7 +280,7 @@ def test_the_bank_refuses_rows_it_cannot_compose(tmp_path):
         ([Stack("b", "lora"), None], r"LoRA adapters \(lora\) compose only first in a Stack"),
         ([Stack("lora", "lora2"), None], r"LoRA adapters \(lora, lora2\) compose only first in a Stack"),
         ([Average("lora", "b"), None], r"LoRA adapters \(lora\) compose only first in a Stack"),
-        ([Stack("b", "p"), None], r"'p' is prefix; a bank row composes houlsby, pfeiffer and parallel"),
+        ([Stack("b", "p"), None], r"'p' is prefix; a bank row composes bottleneck adapters \(houlsby, pfeiffer, parallel, compacter\)"),
         ([Stack("b", "zz"), None], r"unknown adapter\(s\) zz"),
     ]:
         with pytest.raises(PeftkitError, match=match):

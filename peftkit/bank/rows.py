@@ -19,7 +19,7 @@ from contextlib import contextmanager
 
 import torch
 
-from ..composition import Average, Block, Parallel, Stack
+from ..composition import Average, Block, Parallel, Stack, _bottleneck_methods
 from ..errors import PeftkitError
 from ..methods import method, tuner_groups
 
@@ -66,7 +66,8 @@ class RowSelection:
         other = [n for n in block.adapters[len(lora):] if not _is_bottleneck(method(self.entries[n].method))]
         if other:
             raise PeftkitError(f"{block!r}: {other[0]!r} is {self.entries[other[0]].method}; a bank row composes "
-                               "houlsby, pfeiffer and parallel adapters (and one LoRA adapter first in a Stack)")
+                               f"bottleneck adapters ({', '.join(_bottleneck_methods())}) and one LoRA adapter "
+                               "first in a Stack")
 
     @contextmanager
     def _use(self, rows: list):

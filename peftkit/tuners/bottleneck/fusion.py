@@ -147,7 +147,7 @@ def inject(model: nn.Module, config: Config, name: str) -> None:
     for site in sites:
         wrapper = model.get_submodule(site)
         hidden = wrapper.adapters[config.adapters[0]].up.out_features
-        device = wrapper.adapters[config.adapters[0]].up.weight.device
+        device = next(wrapper.adapters[config.adapters[0]].parameters()).device
         # in the model's mode: its scores' dropout stays off in a model put in eval mode before
         wrapper.fusions[name] = Fusion(hidden, config.adapters, dropout).to(device).train(model.training)
     state["fusions"][name] = (config.adapters, list(sites), tuple(brought))
