@@ -180,7 +180,7 @@ def _merge(args):
         raise PeftkitError(f"merge folds one run into its base; to make one adapter of several give "
                            f"--combine TYPE ({', '.join(COMBINATIONS)}) and --weights")
     from .runs import open_run
-    open_run(args.runs[0]).merge(Path(args.out))
+    open_run(args.runs[0], as_trained=False).merge(Path(args.out))  # folded into the full-precision base
     print(f"merged model saved to {args.out}")
 
 

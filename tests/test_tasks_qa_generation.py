@@ -362,9 +362,22 @@ def test_end_to_end_headlines_lora(tmp_path):
     recipe = load_recipe("recipes/headlines-lora.yaml", [
         "data.max_train_samples=4", "data.max_eval_samples=2", "train.max_steps=1", "train.batch_size=4",
         "train.max_new_tokens=4", "train.max_length=128", f"output_dir={tmp_path}"])
-    run = _check_run(train(recipe), ["rouge_l", "exact_match"])
+    run_dir = train(recipe)
+    run = _check_run(run_dir, ["rouge_l", "exact_match"])
     [row] = run.predict([{"article": "The Bank of England kept interest rates at 4.75% on Thursday."}])
     assert set(row) == {"output"} and isinstance(row["output"], str)
+    # reopened, the run computes as it did in training: in a bf16 run the base is stored in bf16, the
+    # adapter in fp32, and the attention kernel is the one training chose
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    dtypes = {("lora_" in n, p.dtype) for n, p in run.model.named_parameters()}
+    assert dtypes == ({(False, torch.bfloat16), (True, torch.float32)} if metrics["precision"] == "bf16"
+                      else {(False, torch.float32), (True, torch.float32)})
+    if metrics["precision"] == "bf16":
+        assert f"{run.model.config._attn_implementation} attention" in metrics["precision_detail"]
+    assert run.evaluate("test") == metrics["adapted"]
+    from peftkit.runs import open_run
+    merging = open_run(run_dir, as_trained=False)  # `peftkit merge` folds into the base as loaded
+    assert {p.dtype for p in merging.model.parameters()} == {torch.float32}
 
 
 def test_end_to_end_headlines_prompt_tuning(tmp_path):
