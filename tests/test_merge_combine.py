@@ -88,7 +88,7 @@ def test_the_bank_serves_a_combined_adapter_as_load_adapter_does(tmp_path):
                                logits(_loaded(tmp_path / "cat", task="cls")), rtol=0, atol=1e-5)
 
 
-@pytest.mark.parametrize("name", ["houlsby", "pfeiffer", "parallel"])
+@pytest.mark.parametrize("name", ["houlsby", "pfeiffer", "parallel", "compacter"])
 def test_bottleneck_linear_is_the_weighted_sum_of_the_weights(tmp_path, name):
     spec = {"method": name, "bottleneck_size": 8}
     a, b = (_saved(tmp_path, f"a{n}", spec, seed=n, arch="bert", task="cls") for n in range(2))
