@@ -46,6 +46,22 @@ def tiny_inputs(batch: int = 2, length: int = 10, seed: int = 1):
     return {"input_ids": ids, "attention_mask": mask}
 
 
+def logits(model, inputs=None):
+    with torch.no_grad():
+        return model(**(inputs or tiny_inputs())).logits
+
+
+def randomized(model, seed: int = 0, scale: float = 0.3):
+    """`model` with every trainable tensor (adapter and head) random: distinct adapters that visibly
+    change outputs, without training."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.requires_grad:
+                param.copy_(torch.randn(param.shape, generator=g) * scale)
+    return model
+
+
 @pytest.fixture
 def tiny():
     return make_tiny

@@ -4,7 +4,7 @@ import json
 
 import pytest
 import torch
-from conftest import BERT, GPT2, LLAMA, make_tiny, tiny_inputs
+from conftest import BERT, GPT2, LLAMA, logits, make_tiny, randomized, tiny_inputs
 from safetensors import safe_open
 
 import peftkit
@@ -12,7 +12,7 @@ from peftkit import AdapterBank, PeftkitError
 from peftkit.bench.params import param_table
 from peftkit.tuners import bottleneck as bn
 from peftkit.tuners.bottleneck.layer import BottleneckWrapper
-from peftkit.tuners.bottleneck.phm import Compacter, PHMLinear, new_rule
+from peftkit.tuners.bottleneck.phm import Compacter, PHMLinear
 
 WIDTH = {"bert": BERT["hidden_size"], "llama": LLAMA["hidden_size"], "gpt2": GPT2["n_embd"]}
 LAYERS = 2
@@ -21,21 +21,6 @@ HEAD = {"bert": BERT["hidden_size"] * 2 + 2}  # bench params counts encoders as 
 
 def compacters(model, name="default"):
     return [m.adapters[name] for m in model.modules() if isinstance(m, BottleneckWrapper) and name in m.adapters]
-
-
-def randomized(model, seed=0):
-    """`model` with every trainable tensor random, so the adapter visibly changes outputs."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
-    return model
-
-
-def logits(model, inputs=None):
-    with torch.no_grad():
-        return model(**(inputs or tiny_inputs())).logits
 
 
 def kron_weight(layer: PHMLinear, rule):

@@ -10,31 +10,16 @@ from peftkit.cli import main
 from peftkit.methods import method
 from peftkit.saving import WEIGHTS
 
-from conftest import make_tiny, tiny_inputs
-
-
-def _trained(model, seed: int):
-    """Every trainable tensor (adapter and head) set at random: distinct adapters, no training."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for param in model.parameters():
-            if param.requires_grad:
-                param.copy_(torch.randn(param.shape, generator=g) * 0.1)
-    return model
+from conftest import logits, make_tiny, randomized, tiny_inputs
 
 
 def _saved(tmp_path, folder: str, spec: dict, seed: int, arch="llama", task="lm", base_seed=0, base=None):
     base = base if base is not None else make_tiny(arch, task, seed=base_seed)
-    return peftkit.save_adapter(_trained(peftkit.attach(base, spec), seed), tmp_path / folder)
+    return peftkit.save_adapter(randomized(peftkit.attach(base, spec), seed, scale=0.1), tmp_path / folder)
 
 
 def _lora(r=4, **options):
     return {"method": "lora", "r": r, **options}
-
-
-def logits(model, inputs=None):
-    with torch.no_grad():
-        return model(**(inputs or tiny_inputs())).logits
 
 
 def _loaded(path, arch="llama", task="lm"):

@@ -2,7 +2,7 @@
 counts, switching beside other adapters (and per row in the bank for MAM), saving and refusals."""
 import pytest
 import torch
-from conftest import make_tiny, tiny_inputs
+from conftest import logits, make_tiny, randomized, tiny_inputs
 
 import peftkit
 from peftkit import AdapterBank, PeftkitError
@@ -12,21 +12,6 @@ from peftkit.tuners import mam, prefix, unipelt
 from peftkit.tuners.unipelt.layer import LoRAWrapper
 
 ARCHS = [("bert", "cls"), ("llama", "lm")]
-
-
-def logits(model, inputs=None):
-    with torch.no_grad():
-        return model(**(inputs or tiny_inputs())).logits
-
-
-def randomize(model, seed=0):
-    """Random values for every trainable weight (the adapter's, the head's)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for param in model.parameters():
-            if param.requires_grad:
-                param.copy_(torch.randn(param.shape, generator=g) * 0.3)
-    return model
 
 
 def set_params(model, pattern: str, value: float):
@@ -67,9 +52,9 @@ FFN = {"bert": ("bert.encoder.layer.{}.intermediate", "bert.encoder.layer.{}.out
 
 @pytest.mark.parametrize("arch,task", ARCHS)
 def test_mam_is_the_prefix_alone_plus_the_scaled_parallel_adapter_computed_by_hand(arch, task):
-    model = randomize(peftkit.attach(make_tiny(arch, task), {"method": "mam", "reduction_factor": 4}))
+    model = randomized(peftkit.attach(make_tiny(arch, task), {"method": "mam", "reduction_factor": 4}))
     reference = with_prefix_of(model, arch, task, 30)
-    up_zero = randomize(peftkit.attach(make_tiny(arch, task), {"method": "mam", "reduction_factor": 4}))
+    up_zero = randomized(peftkit.attach(make_tiny(arch, task), {"method": "mam", "reduction_factor": 4}))
     set_params(up_zero, ".up.", 0.0)  # the adapter part adds nothing: MAM is its prefix alone
     torch.testing.assert_close(logits(up_zero), logits(with_prefix_of(up_zero, arch, task, 30)), rtol=0, atol=1e-6)
 
@@ -96,7 +81,7 @@ def test_mam_param_count_is_the_hand_formula_and_only_the_adapter_and_head_train
 def test_mam_switches_beside_prefix_and_bottleneck_adapters_and_never_half(tmp_path):
     specs = {"m": {"method": "mam", "reduction_factor": 4}, "p": {"method": "prefix", "num_virtual_tokens": 5},
              "h": {"method": "houlsby"}}
-    folders = {n: peftkit.save_adapter(randomize(peftkit.attach(make_tiny("llama", "lm"), s), seed=i), tmp_path / n)
+    folders = {n: peftkit.save_adapter(randomized(peftkit.attach(make_tiny("llama", "lm"), s), seed=i), tmp_path / n)
                for i, (n, s) in enumerate(specs.items())}
     alone = {n: logits(peftkit.load_adapter(make_tiny("llama", "lm"), f)) for n, f in folders.items()}
     model = make_tiny("llama", "lm")
@@ -124,7 +109,7 @@ def test_mam_switches_beside_prefix_and_bottleneck_adapters_and_never_half(tmp_p
 # ----------------------------------------------------------------------------------------------- UniPELT
 
 def test_unipelt_gated_lora_is_the_hand_formula():
-    model = randomize(peftkit.attach(make_tiny("bert", "cls"), {"method": "unipelt", "r": 4, "lora_alpha": 2}))
+    model = randomized(peftkit.attach(make_tiny("bert", "cls"), {"method": "unipelt", "r": 4, "lora_alpha": 2}))
     wrapper = model.bert.encoder.layer[0].attention.self.query
     assert isinstance(wrapper, LoRAWrapper)
     lora = wrapper.adapters["default"]
@@ -140,8 +125,8 @@ def test_unipelt_gated_lora_is_the_hand_formula():
     ("bert", "cls", "output.dense.adapters.", ".up."), ("llama", "lm", "q_proj.adapters.", ".B."),
     ("llama", "lm", "v_proj.adapters.", ".B."), ("llama", "lm", "mlp.adapters.", ".up.")])
 def test_a_unipelt_gate_at_zero_turns_its_part_off(arch, task, part, body):
-    model = randomize(peftkit.attach(make_tiny(arch, task), "unipelt"))
-    without = randomize(peftkit.attach(make_tiny(arch, task), "unipelt"))
+    model = randomized(peftkit.attach(make_tiny(arch, task), "unipelt"))
+    without = randomized(peftkit.attach(make_tiny(arch, task), "unipelt"))
     with torch.no_grad():
         for name, param in without.named_parameters():
             if part in name and body in name:
@@ -154,7 +139,7 @@ def test_a_unipelt_gate_at_zero_turns_its_part_off(arch, task, part, body):
 
 @pytest.mark.parametrize("arch,task", ARCHS)
 def test_the_unipelt_prefix_gate_scales_the_prefix_keys_and_values(arch, task):
-    model = randomize(peftkit.attach(make_tiny(arch, task), "unipelt"))
+    model = randomized(peftkit.attach(make_tiny(arch, task), "unipelt"))
     set_params(model, "adapters.default.gate.weight", 0.0)  # LoRA and adapter off: the prefix alone is left
     set_params(model, "adapters.default.gate.bias", -1e4)
     set_params(model, "_peftkit_unipelt.gates.default", 0.0)
@@ -219,7 +204,7 @@ def test_trains_and_loads_on_a_4bit_base(tmp_path, name):
 
 
 def test_unipelt_generates_and_its_first_token_is_the_forward_pass_argmax():
-    model = randomize(peftkit.attach(make_tiny("llama", "lm"), "unipelt"))
+    model = randomized(peftkit.attach(make_tiny("llama", "lm"), "unipelt"))
     ids = tiny_inputs(batch=1)["input_ids"]
     out = model.generate(input_ids=ids, max_new_tokens=3, do_sample=False)
     assert out.shape == (1, ids.shape[1] + 3)

@@ -10,11 +10,12 @@ switch it (Method.parts), so the bank mixes it per row with prefix and bottlenec
 State-dict keys: "prefix." + the prefix tuner's keys, "adapter." + the bottleneck tuner's.
 The contract is the one in peftkit.tuners.
 """
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 
 from ..errors import PeftkitError
 from . import bottleneck, prefix
 from .composite import check_name, inject_parts, load_parts_state_dict, parts_state_dict
+from .options import refuse_unknown_options
 
 PARTS = {"prefix.": prefix, "adapter.": bottleneck}
 STATE = "_peftkit_mam"  # model.__dict__: {adapter name: Config}
@@ -34,12 +35,7 @@ class Config:
 
     @classmethod
     def from_options(cls, options: dict) -> "Config":
-        if not isinstance(options, dict):
-            raise PeftkitError(f"mam options must be a dict, got {type(options).__name__}")
-        allowed = [f.name for f in fields(cls)]
-        unknown = sorted(set(options) - set(allowed))
-        if unknown:
-            raise PeftkitError(f"unknown mam option(s) {', '.join(map(repr, unknown))}; allowed: {', '.join(allowed)}")
+        refuse_unknown_options("mam", options, cls)
         config = cls(**options)
         config.prefix_config(), config.adapter_config()  # each part validates its own options
         return config

@@ -6,10 +6,11 @@
     config.check_sizes(hidden)     -> PeftkitError if the sizes don't fit the model
 """
 import re
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 from ...errors import PeftkitError
 from ...methods import METHODS as REGISTRY
+from ..options import refuse_unknown_options
 
 METHODS = tuple(name for name, m in REGISTRY.items() if m.tuner_module == "peftkit.tuners.bottleneck")
 NON_LINEARITIES = ("relu", "gelu", "silu", "tanh")
@@ -42,14 +43,7 @@ class Config:
 
     @classmethod
     def from_options(cls, options: dict, hidden_size: int | None = None) -> "Config":
-        if not isinstance(options, dict):
-            raise PeftkitError(f"bottleneck options must be a dict, got {type(options).__name__}")
-        allowed = [f.name for f in fields(cls)]
-        unknown = sorted(set(options) - set(allowed))
-        if unknown:
-            raise PeftkitError(
-                f"unknown bottleneck option(s) {', '.join(map(repr, unknown))}; allowed: {', '.join(allowed)}"
-            )
+        refuse_unknown_options("bottleneck", options, cls)
         method = options.get("method", "houlsby")
         # Silently ignoring these would train something other than what was asked for.
         if "scaling" in options and method != "parallel":

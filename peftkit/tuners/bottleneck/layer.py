@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from ...composition import Average, Block, Fuse, Parallel, Stack
+from ..wrapping import LayerWrapper
 
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "tanh": nn.Tanh}
 
@@ -39,10 +40,9 @@ class Bottleneck(nn.Module):
         return y if self.scaling == 1.0 else y * self.scaling
 
 
-class BottleneckWrapper(nn.Module):
+class BottleneckWrapper(LayerWrapper):
     def __init__(self, base_layer: nn.Module):
-        super().__init__()
-        self.base_layer = base_layer
+        super().__init__(base_layer)
         self.adapters = nn.ModuleDict()
         self.fusions = nn.ModuleDict()  # AdapterFusion layers at this site, by fusion name (fusion.py)
         self.active = None  # None | adapter name | tuple with one name-or-None per batch row
@@ -123,15 +123,6 @@ class BottleneckWrapper(nn.Module):
 
     def _capture(self, module, args, kwargs):
         self._captured = args[0] if args else next(iter(kwargs.values()), None)
-
-    def __getattr__(self, name):
-        # Model code sometimes reads the wrapped module's attributes (e.g. `c_proj.weight`).
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            if name == "base_layer":
-                raise
-            return getattr(self.base_layer, name)
 
 
 def rows_per_entry(names, n: int) -> tuple:

@@ -22,6 +22,7 @@ from torch import nn
 from ...architectures import layout_of
 from ...composition import Average, Block, Fuse, Parallel, Stack
 from ...errors import PeftkitError
+from ..wrapping import device_of, unwrapped, wrap
 from .config import Config
 from .layer import Bottleneck, BottleneckWrapper
 from .phm import SHARED, Compacter, check_widths, new_rule
@@ -42,7 +43,7 @@ def inject(model: nn.Module, config: Config, name: str) -> None:
     rule = new_rule(config.phm_dim) if config.method == "compacter" else None  # one per adapter, for all its sites
 
     for site_name, source_name in sites:
-        wrapper = _wrap(model, site_name)
+        wrapper = wrap(model, site_name, BottleneckWrapper)
         parallel = config.method == "parallel"
         width = _out_features(wrapper.base_layer, hidden)
         if rule is not None:
@@ -57,7 +58,7 @@ def inject(model: nn.Module, config: Config, name: str) -> None:
                 parallel=parallel,
                 scaling=config.scaling if parallel else 1.0,
             )
-        wrapper.adapters[name] = adapter.to(_device_of(wrapper.base_layer, model))
+        wrapper.adapters[name] = adapter.to(device_of(wrapper.base_layer, model))
         if source_name is not None and wrapper.source is None:
             # hook the innermost module: wrappers come and go around it, its input stays the same
             wrapper.set_source(_unwrapped(model.get_submodule(source_name)))
@@ -203,7 +204,7 @@ def remove(model: nn.Module, name: str) -> None:
         if not any(a.parallel for a in wrapper.adapters.values()):
             wrapper.set_source(None)
         if not wrapper.adapters:  # nothing left: put the original module back
-            _replace(model, site, wrapper.base_layer)
+            model.set_submodule(site, wrapper.base_layer)
     del state["adapters"][name]
     if not state["adapters"]:  # the model is back to its original modules
         del model.__dict__[STATE]
@@ -276,24 +277,8 @@ def _candidates(modules: dict) -> list[str]:
     return list(dict.fromkeys(re.sub(r"\.\d+(?=\.|$)", ".N", n) for n in names))
 
 
-# --- wrapping modules ---
-
-def _wrap(model, site: str) -> BottleneckWrapper:
-    module = model.get_submodule(site)
-    if isinstance(module, BottleneckWrapper):
-        return module
-    wrapper = BottleneckWrapper(module)
-    _replace(model, site, wrapper)
-    return wrapper
-
-
-def _replace(model, site: str, new: nn.Module):
-    parent_name, _, child = site.rpartition(".")
-    setattr(model.get_submodule(parent_name), child, new)
-
-
 def _unwrapped(module):
-    return module.base_layer if isinstance(module, BottleneckWrapper) else module
+    return unwrapped(module, BottleneckWrapper)
 
 
 def _out_features(module, default):
@@ -310,12 +295,6 @@ def _hidden_size(model) -> int:
     if not isinstance(hidden, int):
         raise PeftkitError(f"cannot tell the hidden size of {type(model).__name__}: its config has no hidden_size")
     return hidden
-
-
-def _device_of(module, model):
-    for t in module.parameters():
-        return t.device
-    return model.device
 
 
 # --- per-model state ---

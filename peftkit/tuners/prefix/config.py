@@ -1,7 +1,8 @@
 """Options of prefix tuning (Li & Liang 2021), validated into a dataclass."""
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 
 from peftkit.errors import PeftkitError
+from ..options import refuse_unknown_options
 
 
 @dataclass
@@ -12,12 +13,7 @@ class Config:
 
     @classmethod
     def from_options(cls, options: dict) -> "Config":
-        allowed = [f.name for f in fields(cls)]
-        unknown = sorted(set(options) - set(allowed))
-        if unknown:
-            raise PeftkitError(
-                f"unknown prefix option(s) {', '.join(map(repr, unknown))}; allowed: {', '.join(allowed)}"
-            )
+        refuse_unknown_options("prefix", options, cls)
         config = cls(**options)
         config.validate()
         return config

@@ -4,10 +4,11 @@ they fit small models (see each field).
     Config.from_options({"num_virtual_tokens": 10, "r": 8})
     config.prefix_config(), config.adapter_config()   the parts' own configs
 """
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 
 from ...errors import PeftkitError
 from .. import bottleneck, prefix
+from ..options import refuse_unknown_options
 
 
 @dataclass
@@ -26,13 +27,7 @@ class Config:
 
     @classmethod
     def from_options(cls, options: dict) -> "Config":
-        if not isinstance(options, dict):
-            raise PeftkitError(f"unipelt options must be a dict, got {type(options).__name__}")
-        allowed = [f.name for f in fields(cls)]
-        unknown = sorted(set(options) - set(allowed))
-        if unknown:
-            raise PeftkitError(f"unknown unipelt option(s) {', '.join(map(repr, unknown))}; "
-                               f"allowed: {', '.join(allowed)}")
+        refuse_unknown_options("unipelt", options, cls)
         config = cls(**options)
         config.validate()
         return config

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from ..bottleneck.layer import Bottleneck
+from ..wrapping import LayerWrapper
 
 
 def gate(width: int) -> nn.Linear:
@@ -49,12 +50,11 @@ class GatedLoRA(nn.Module):
         return torch.sigmoid(self.gate(x)) * self.scaling * self.B(self.A(self.drop(x)))
 
 
-class LoRAWrapper(nn.Module):
+class LoRAWrapper(LayerWrapper):
     """Stands in for a linear layer (nn.Linear, a 4/8-bit one, GPT-2's Conv1D); adapters by name."""
 
     def __init__(self, base_layer: nn.Module):
-        super().__init__()
-        self.base_layer = base_layer
+        super().__init__(base_layer)
         self.adapters = nn.ModuleDict()
         self.active = None  # adapter name or None
 
@@ -64,15 +64,6 @@ class LoRAWrapper(nn.Module):
             return out
         # fp32 adapter on a possibly half-precision or 4/8-bit base: compute in fp32, add in the output's dtype
         return out + self.adapters[self.active](x.float()).to(out.dtype)
-
-    def __getattr__(self, name):
-        # model code sometimes reads the wrapped layer's attributes (e.g. `weight`)
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            if name == "base_layer":
-                raise
-            return getattr(self.base_layer, name)
 
 
 class PrefixGates(nn.Module):

@@ -18,6 +18,7 @@ from ...errors import PeftkitError
 from .. import bottleneck, prefix
 from ..bottleneck.layer import BottleneckWrapper
 from ..composite import check_name, inject_parts, load_parts_state_dict, parts_state_dict
+from ..wrapping import device_of, unwrapped, wrap
 from .config import Config
 from .layer import GatedBottleneck, GatedLoRA, LoRAWrapper, PrefixGates
 
@@ -65,10 +66,10 @@ def inject(model: nn.Module, config: Config, name: str) -> None:
     inject_parts(model, [(prefix, config.prefix_config()), (bottleneck, config.adapter_config())], name)
     _gate_adapters(model, name, config)
     for path in targets:
-        wrapper = _wrap(model, path)
+        wrapper = wrap(model, path, LoRAWrapper)
         inner = wrapper.base_layer
         lora = GatedLoRA(*_features(inner), config.r, config.scaling, config.lora_dropout)
-        wrapper.adapters[name] = lora.to(_device(inner, model))
+        wrapper.adapters[name] = lora.to(device_of(inner, model))
     gates = getattr(model, ATTR, None)
     if gates is None:
         gates = PrefixGates()
@@ -109,7 +110,7 @@ def remove(model, name: str) -> None:
     for path, wrapper in list(_wrappers(model)):
         del wrapper.adapters[name]
         if not wrapper.adapters:  # nothing left: put the original layer back
-            _replace(model, path, wrapper.base_layer)
+            model.set_submodule(path, wrapper.base_layer)
         elif wrapper.active == name:
             wrapper.active = None
     gates = getattr(model, ATTR)
@@ -137,7 +138,7 @@ def _lora_targets(model) -> list[str]:
     """The attention's query and value layers (peft's default LoRA targets for the architecture)."""
     names = layout_of(model).lora_targets
     found = [path for path, module in model.named_modules()
-             if path.rsplit(".", 1)[-1] in names and _features(_unwrapped(module)) is not None]
+             if path.rsplit(".", 1)[-1] in names and _features(unwrapped(module, LoRAWrapper)) is not None]
     if not found:
         raise PeftkitError(f"unipelt: found no {', '.join(names)} layer in {type(model).__name__} to put LoRA on")
     return found
@@ -168,34 +169,12 @@ def _wrappers(model):
     return [(path, m) for path, m in model.named_modules() if isinstance(m, LoRAWrapper)]
 
 
-def _wrap(model, path: str) -> LoRAWrapper:
-    module = model.get_submodule(path)
-    if isinstance(module, LoRAWrapper):
-        return module
-    wrapper = LoRAWrapper(module)
-    _replace(model, path, wrapper)
-    return wrapper
-
-
-def _replace(model, path: str, new: nn.Module) -> None:
-    parent, _, child = path.rpartition(".")
-    setattr(model.get_submodule(parent), child, new)
-
-
-def _unwrapped(module):
-    return module.base_layer if isinstance(module, LoRAWrapper) else module
-
-
 def _features(layer) -> tuple[int, int] | None:
     """(in, out) of a linear layer: nn.Linear and bitsandbytes' layers, or GPT-2's Conv1D (weight in x out)."""
     if isinstance(layer, Conv1D):
         return layer.weight.shape[0], layer.nf
     in_f, out_f = getattr(layer, "in_features", None), getattr(layer, "out_features", None)
     return (in_f, out_f) if isinstance(in_f, int) and isinstance(out_f, int) else None
-
-
-def _device(layer, model):
-    return next((p.device for p in layer.parameters()), model.device)
 
 
 def _configs(model) -> dict:
