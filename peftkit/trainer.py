@@ -6,10 +6,10 @@ import time
 from pathlib import Path
 
 from peft import PeftModel
-from peft.helpers import disable_input_dtype_casting
 from transformers import Trainer, TrainerCallback
 
 from .batching import LengthBucketSampler
+from .precision import inputs_as_they_come
 from .saving import restore_adapter_weights, write_adapter_files
 from .tuners.bottleneck.fusion import regularization as fusion_regularization
 
@@ -48,7 +48,7 @@ class AdapterTrainer(Trainer):
         self.compiled = compiled  # compiling.CompiledBlocks for training steps, or None
 
     def training_step(self, model, *args, **kwargs):
-        with disable_input_dtype_casting(model, active=self.bf16_inputs), self.compiled or contextlib.nullcontext():
+        with inputs_as_they_come(model, active=self.bf16_inputs), self.compiled or contextlib.nullcontext():
             return super().training_step(model, *args, **kwargs)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):

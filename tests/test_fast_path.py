@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from peft.helpers import disable_input_dtype_casting
 from torch import nn
 
 import peftkit
@@ -15,9 +14,11 @@ from peftkit import precision
 from peftkit.bench.seeds import paired, parse_seeds
 from peftkit.dropout import FastDropout, keep_mask, swap_in_fast_dropout
 from peftkit.errors import PeftkitError
+from peftkit.methods import METHODS
 from peftkit.recipe import load_recipe
 
 from conftest import make_tiny, tiny_inputs
+from test_methods_registry import spec_of
 
 TINY = ["data.max_train_samples=48", "data.max_eval_samples=16", "train.max_steps=3", "train.batch_size=8",
         "train.max_length=32", "train.logging_steps=1"]
@@ -134,7 +135,7 @@ def test_leaving_peft_inputs_in_bf16_changes_no_loss_or_gradient():
     runs = []
     for cast in (True, False):
         model.zero_grad()
-        with precision.compute("bf16"), disable_input_dtype_casting(model, active=not cast):
+        with precision.compute("bf16"), precision.inputs_as_they_come(model, active=not cast):
             loss = model(**batch).loss
         loss.backward()
         runs.append((loss.detach(), [p.grad.clone() for p in model.parameters() if p.requires_grad]))
@@ -142,6 +143,22 @@ def test_leaving_peft_inputs_in_bf16_changes_no_loss_or_gradient():
     torch.testing.assert_close(kept_loss, cast_loss, rtol=0, atol=0)
     for kept, cast in zip(kept_grads, cast_grads):
         torch.testing.assert_close(kept, cast, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name", [m.name for m in METHODS.values() if m.peft_native])
+def test_every_peft_method_trains_a_step_in_bf16_with_its_inputs_left_as_they_come(name):
+    """peft's own disable_input_dtype_casting raised on IA3's layers, which lack its switch; a step of
+    every peft method under bf16 autocast (as the trainer runs it) works, and the switches come back."""
+    model = peftkit.attach(make_tiny("bert", "cls"), spec_of(name))
+    precision.store_frozen_in_bf16(model, "bf16")
+    switches = [m for m in model.modules() if hasattr(m, "cast_input_dtype_enabled")]
+    with precision.compute("bf16", model):
+        assert not any(m.cast_input_dtype_enabled for m in switches)
+        loss = model(**tiny_inputs(), labels=torch.tensor([0, 2])).loss
+    loss.backward()
+    assert all(m.cast_input_dtype_enabled for m in switches)
+    assert torch.isfinite(loss)
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters() if p.requires_grad)
 
 
 # ---------------------------------------------------------------------------- dropout
