@@ -32,8 +32,8 @@ class Method:
     prepends_tokens: bool = False  # prompt learning: every input grows by num_virtual_tokens positions, which
     # must fit the model's position limit (the tuner's check_room)
     why_no_resume: str = ""  # `peftkit train --resume`'s refusal, for methods whose checkpoints cannot go on training
-    parts: tuple[str, ...] = ()  # a composite (MAM) whose parts live in these tuners' per-model state under its
-    # adapter name: those tuners switch it, together with their own methods' adapters (see switches)
+    parts: tuple[str, ...] = ()  # a composite (MAM), or a fusion, that lives in these tuners' per-model state
+    # under its adapter name: those tuners switch it, together with their own methods' adapters (see switches)
 
     @property
     def tuner(self):
@@ -116,9 +116,11 @@ METHODS = {m.name: m for m in (
            gradient_checkpointing=True, bank_rows=False, peft_type="P_TUNING", prepends_tokens=True,
            why_not_mergeable=_PROMPT,  # Liu et al. 2021
            why_no_resume="saves the prompt its encoder made, not the encoder, so the run cannot go on training it"),
-    # attention over bottleneck adapters' outputs, built over adapters the model holds or adapter folders
+    # attention over bottleneck adapters' outputs, built over adapters the model holds or adapter folders;
+    # it lives in the bottleneck tuner's state, whose set_active runs a fusion by its name
     Method("fusion", "AdapterFusion", "peftkit.tuners.bottleneck.fusion", peft_native=False, mergeable=False,
-           quantized_base=True, gradient_checkpointing=True, bank_rows=False,  # Pfeiffer et al. 2021
+           quantized_base=True, gradient_checkpointing=True, bank_rows=True,  # Pfeiffer et al. 2021
+           parts=("peftkit.tuners.bottleneck",),
            why_not_mergeable="AdapterFusion attends over its adapters' outputs at every site: " + _ADDS_COMPUTATION),
     Method("prefix", "prefix tuning", "peftkit.tuners.prefix", peft_native=False, mergeable=False, quantized_base=True,
            gradient_checkpointing=False, bank_rows=True,  # Li & Liang 2021

@@ -248,7 +248,8 @@ def test_options_round_trip():
 
 
 @pytest.mark.parametrize("options,match", [
-    ({"bottlenek_size": 8}, r"bottlenek_size.*allowed: method, bottleneck_size"),
+    ({"bottlenek_size": 8}, r"unknown bottleneck option 'bottlenek_size'; did you mean bottleneck_size\? "
+                            "bottleneck accepts: method, bottleneck_size"),
     ({"bottleneck_size": 8, "reduction_factor": 4}, "not both"),
     ({"bottleneck_size": 0}, "bottleneck_size must be >= 1, got 0"),
     ({"reduction_factor": -2}, "reduction_factor must be >= 1, got -2"),
@@ -290,7 +291,8 @@ def test_sizes_checked_against_the_model_before_touching_it():
 
 def test_names_and_strict_loading():
     model = build("llama", "lm", "pfeiffer")
-    with pytest.raises(PeftkitError, match="already exists"):
+    with pytest.raises(PeftkitError, match="cannot add adapter 'a': the model holds a bottleneck adapter by that "
+                                           "name; pick another name"):
         bn.inject(model, bn.Config(), "a")
     with pytest.raises(PeftkitError, match="without '.'"):
         bn.inject(model, bn.Config(), "x.y")

@@ -140,7 +140,8 @@ def test_exact_count_by_hand_in_param_report_and_bench_params(arch, task, preset
     ({"bottleneck_size": 6}, "bottleneck_size 6 is not a multiple of phm_dim 4"),
     ({"phm_rank": 0}, "phm_rank must be an integer >= 1, got 0"),
     ({"phm_dim": 2.5}, "phm_dim must be an integer >= 1, got 2.5"),
-    ({"phm_rnk": 2}, "unknown bottleneck option.*'phm_rnk'.*allowed: .*phm_dim, phm_rank, placement"),
+    ({"phm_rnk": 2}, r"unknown bottleneck option 'phm_rnk'; did you mean phm_rank\? bottleneck accepts: "
+                     ".*phm_dim, phm_rank, placement"),
     ({"placement": "middle"}, "placement 'middle' is not one of houlsby, pfeiffer"),
     ({"placement": "pfeiffer", "target_modules": ["output"]}, "either placement or target_modules, not both"),
     ({"scaling": 2.0}, "only applies to method 'parallel', not 'compacter'"),

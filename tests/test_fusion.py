@@ -3,7 +3,7 @@ only the fusion layers (and the head) train, save -> load bit-identical, and eve
 import pytest
 import torch
 from conftest import make_tiny, tiny_inputs
-from test_composition import by_hand, close, d, holding, out, saved
+from test_composition import by_hand, close, d, holding, out, perturb, saved
 
 import peftkit
 from peftkit import AdapterBank, Fuse, PeftkitError, Stack
@@ -192,7 +192,7 @@ def test_fuse_refuses_folders_of_another_base_or_task(tmp_path):
     assert not hasattr(model, "peftkit_adapters")
 
 
-def test_a_fuse_block_needs_its_fusion_and_the_bank_serves_none():
+def test_a_fuse_block_needs_its_fusion_and_is_no_bank_row():
     model = holding("bert", "cls")
     with pytest.raises(PeftkitError, match=r"no fusion over 'a', 'b'; add one with peftkit.fuse\(model, \['a', 'b'\]\)"):
         peftkit.activate(model, Fuse("a", "b"))
@@ -205,8 +205,68 @@ def test_a_fuse_block_needs_its_fusion_and_the_bank_serves_none():
     close(out(model, tiny_inputs()), by_block, atol=0)
     assert not torch.allclose(by_block, alone_a)
     bank = AdapterBank(make_tiny("llama", "lm"))
-    with pytest.raises(PeftkitError, match=r"a bank row can run Stack or Average, not Fuse"):
+    with pytest.raises(PeftkitError, match=r"a bank row can run Stack or Average, not Fuse\('x', 'y'\) \(load a "
+                                           "saved fusion's folder into the bank and name it in the row\\)"):
         bank.forward([Fuse("x", "y"), None], **tiny_inputs())
+
+
+def saved_fusion(tmp_path, arch, task, adapters, seed, name):
+    """A saved fusion over `adapters` of a, b, c (the same three adapters whatever is fused), its layers
+    moved from their init by `seed` so that fusions differ."""
+    model = peftkit.fuse(holding(arch, task, ("pfeiffer",) * 3, ("a", "b", "c")), adapters)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in (p for layer in fusions(model) for p in layer.parameters()):
+            param.add_(torch.randn(param.shape, generator=g) * 0.3)
+    return peftkit.save_adapter(model, tmp_path / name, "fusion")
+
+
+def alone(tmp_path, arch, task, entry, inputs):
+    """A row run on its own: the adapter folder loaded onto a fresh base (None: the base alone)."""
+    model = make_tiny(arch, task)
+    return out((peftkit.load_adapter(model, tmp_path / entry) if entry else model).eval(), inputs)[0]
+
+
+@models
+def test_the_bank_serves_saved_fusions_per_row_beside_other_adapters(tmp_path, arch, task):
+    """Two fusions sharing adapter a (one copy in the bank) and a plain adapter, mixed in one batch:
+    each row equals that row run alone; unloading a fusion keeps what the other still fuses."""
+    saved_fusion(tmp_path, arch, task, ["a", "b"], 10, "f")
+    saved_fusion(tmp_path, arch, task, ["a", "c"], 11, "g")
+    saved(tmp_path, arch, task, {"method": "houlsby", "bottleneck_size": 8}, 5, "p")
+    bank = AdapterBank(make_tiny(arch, task))
+    for name in ("f", "g", "p"):
+        bank.load(name, tmp_path / name)
+    assert [a["method"] for a in bank.adapters()] == ["fusion", "fusion", "houlsby"]
+    rows = ["f", "p", None, "g", "f"]
+    inputs = tiny_inputs(batch=len(rows))
+    row = [{k: v[i:i + 1] for k, v in inputs.items()} for i in range(len(rows))]
+    mixed = bank.forward(rows, **inputs).logits
+    for i, entry in enumerate(rows):
+        close(mixed[i], alone(tmp_path, arch, task, entry, row[i]))
+    assert not torch.allclose(mixed[0], mixed[3], atol=1e-3)  # the two fusions differ
+    bank.unload("f")  # takes b with it; a stays, g fuses it
+    close(bank.forward(["g", "p"], **{k: v[3:5] for k, v in inputs.items()}).logits[0],
+          alone(tmp_path, arch, task, "g", row[3]))
+    bank.unload("g")
+    assert {n for m in bank.model.modules() if isinstance(m, BottleneckWrapper) for n in m.adapters} == {"p"}
+
+
+def test_the_bank_refuses_a_fusion_whose_copy_of_a_shared_adapter_differs(tmp_path):
+    saved_fusion(tmp_path, "bert", "cls", ["a", "b"], 10, "f")
+    model = peftkit.fuse(holding("bert", "cls", ("pfeiffer",) * 3, ("a", "b", "c")), ["a", "c"])
+    perturb(model, "a", 7)  # not the a that f was saved with
+    peftkit.save_adapter(model, tmp_path / "g", "fusion")
+    bank = AdapterBank(make_tiny("bert", "cls"))
+    bank.load("f", tmp_path / "f")
+    inputs = tiny_inputs(batch=2)
+    before = bank.forward(["f", None], **inputs).logits
+    with pytest.raises(PeftkitError, match=r"^fusion 'g' was saved with other weights for adapter 'a' than the "
+                                           "adapter of that name the model holds; unload that adapter first$"):
+        bank.load("g", tmp_path / "g")
+    assert [a["name"] for a in bank.adapters()] == ["f"]
+    close(bank.forward(["f", None], **inputs).logits, before, atol=0)
+    assert {n for m in bank.model.modules() if isinstance(m, BottleneckWrapper) for n in m.adapters} == {"a", "b"}
 
 
 def test_the_trainer_adds_the_value_regularization_to_the_task_loss():

@@ -201,6 +201,17 @@ def test_an_unknown_option_of_a_peft_method_names_the_nearest_valid_ones():
         peftkit.attach(make_tiny("bert", "cls"), {"method": "ln_tuning", "r": 8})
 
 
+def test_an_unknown_option_of_peftkits_own_methods_names_the_nearest_valid_ones():
+    with pytest.raises(PeftkitError, match=r"unknown LoRA option 'lora_alfa'; did you mean lora_alpha( or .*)?\? "
+                                           "LoraConfig accepts: "):
+        peftkit.attach(make_tiny("bert", "cls"), {"method": "lora", "lora_alfa": 16})
+    with pytest.raises(PeftkitError, match=r"unknown fusion option 'adaptors'; did you mean adapters\? fusion accepts: "
+                                           "adapters$"):
+        peftkit.attach(make_tiny("bert", "cls"), {"method": "fusion", "adaptors": ["a", "b"]})
+    with pytest.raises(PeftkitError, match=r"unknown bottleneck option 'reduction'; did you mean reduction_factor\? "):
+        peftkit.attach(make_tiny("bert", "cls"), {"method": "pfeiffer", "reduction": 8})
+
+
 def test_ranks_are_checked_as_each_method_counts_them():
     with pytest.raises(PeftkitError, match="loha rank r must be a positive integer, got 0"):
         peftkit.attach(make_tiny("bert", "cls"), {"method": "loha", "r": 0})

@@ -207,7 +207,8 @@ def test_remove():
 def test_options_validation_and_round_trip():
     config = prefix.Config.from_options({"num_virtual_tokens": 8, "prefix_projection": True})
     assert prefix.Config.from_options(config.to_options()) == config
-    with pytest.raises(PeftkitError, match="'num_tokens'.*allowed: num_virtual_tokens, prefix_projection"):
+    with pytest.raises(PeftkitError, match=r"unknown prefix option 'num_tokens'; did you mean num_virtual_tokens\? "
+                       "prefix accepts: num_virtual_tokens, prefix_projection"):
         prefix.Config.from_options({"num_tokens": 8})
     with pytest.raises(PeftkitError, match="num_virtual_tokens must be a positive integer, got 0"):
         prefix.Config.from_options({"num_virtual_tokens": 0})

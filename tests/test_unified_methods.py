@@ -214,11 +214,11 @@ def test_unipelt_generates_and_its_first_token_is_the_forward_pass_argmax():
 # ----------------------------------------------------------------------------------------------- refusals
 
 @pytest.mark.parametrize("spec, message", [
-    ({"method": "mam", "prefix_length": 30}, "unknown mam option(s) 'prefix_length'; allowed: num_virtual_tokens, "
+    ({"method": "mam", "prefix_length": 30}, "unknown mam option 'prefix_length'; did you mean prefix_projection? mam accepts: num_virtual_tokens, "
                                              "prefix_projection, encoder_hidden_size, bottleneck_size, "
                                              "reduction_factor, non_linearity, scaling, dropout"),
     ({"method": "mam", "bottleneck_size": 8, "reduction_factor": 2}, "give either bottleneck_size or reduction_factor"),
-    ({"method": "unipelt", "alpha": 2}, "unknown unipelt option(s) 'alpha'; allowed: num_virtual_tokens, "
+    ({"method": "unipelt", "alpha": 2}, "unknown unipelt option 'alpha'; did you mean lora_alpha? unipelt accepts: num_virtual_tokens, "
                                         "prefix_projection, encoder_hidden_size, bottleneck_size, reduction_factor, "
                                         "non_linearity, dropout, r, lora_alpha, lora_dropout"),
     ({"method": "unipelt", "r": 0}, "unipelt r must be a positive integer, got 0"),

@@ -9,8 +9,9 @@ cleared after it, so nothing carries over from one call to the next.
     bank._select(rows)           switch each method's tuners, the head switches and the LoRA plan
 
 Houlsby, Pfeiffer, parallel and prefix are peftkit's own tuners, which take one adapter per row (MAM's
-parts live in the prefix and bottleneck tuners, which switch it: Method.parts), the bottleneck tuner
-also a Stack or Average of its adapters; a Stack may start with a LoRA adapter;
+parts live in the prefix and bottleneck tuners, which switch it: Method.parts; a fusion lives in the
+bottleneck tuner, which runs it by name), the bottleneck tuner also a Stack or Average of its
+adapters; a Stack may start with a LoRA adapter;
 LoRA is the bank's own hooks (lora.py); heads are switched per row (heads.py).
 Mixed into AdapterBank; uses the model, entries, heads, lora hooks and lock of base.py's Holder.
 """
@@ -47,7 +48,8 @@ class RowSelection:
         if wrong:
             raise PeftkitError(f"a bank row can run Stack or Average, not {wrong[0]!r}"
                                + (" (it repeats the batch: give the rows one adapter each instead)"
-                                  if isinstance(wrong[0], Parallel) else ""))
+                                  if isinstance(wrong[0], Parallel) else
+                                  " (load a saved fusion's folder into the bank and name it in the row)"))
         named = [a for r in rows for a in (r.adapters if isinstance(r, Block) else (r,))]
         unknown = sorted({str(r) for r in named if r is not None and r not in self.entries})
         if unknown:

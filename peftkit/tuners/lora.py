@@ -8,6 +8,7 @@ from peft import LoraConfig, TaskType
 from ..anatomy import model_task
 from ..architectures import candidate_modules, layout_of
 from ..errors import PeftkitError
+from .options import refuse_unknown_options
 
 OPTIONS = sorted(f.name for f in dataclasses.fields(LoraConfig) if f.init and f.name not in ("peft_type", "task_type"))
 
@@ -28,9 +29,7 @@ def build_config(method: str, options: dict, model, heads: list[str]) -> LoraCon
 
 def check_options(method: str, options: dict) -> None:
     """What can be checked without a model: every option is LoraConfig's, and the rank is usable."""
-    unknown = sorted(set(options) - set(OPTIONS))
-    if unknown:
-        raise PeftkitError(f"unknown LoRA option(s) {unknown}; LoraConfig accepts: {', '.join(OPTIONS)}")
+    refuse_unknown_options("LoRA", options, OPTIONS, "LoraConfig")
     r = options.get("r", 8)
     if not isinstance(r, int) or isinstance(r, bool) or r <= 0:
         raise PeftkitError(f"LoRA rank r must be a positive integer, got {r!r}")

@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass
 from ..errors import PeftkitError
 from . import bottleneck, prefix
 from .composite import check_name, inject_parts, load_parts_state_dict, parts_state_dict
-from .options import refuse_unknown_options
+from .options import field_names, refuse_unknown_options
 
 PARTS = {"prefix.": prefix, "adapter.": bottleneck}
 STATE = "_peftkit_mam"  # model.__dict__: {adapter name: Config}
@@ -35,7 +35,7 @@ class Config:
 
     @classmethod
     def from_options(cls, options: dict) -> "Config":
-        refuse_unknown_options("mam", options, cls)
+        refuse_unknown_options("mam", options, field_names(cls))
         config = cls(**options)
         config.prefix_config(), config.adapter_config()  # each part validates its own options
         return config

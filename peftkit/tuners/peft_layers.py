@@ -8,7 +8,6 @@ alongside, and the shape rules peft would otherwise break on deep inside injecti
     attach(model, {"method": "adalora", "total_step": 500})   # peftkit train fills total_step in
 """
 import dataclasses
-import difflib
 import math
 import re
 
@@ -21,6 +20,7 @@ from transformers.pytorch_utils import Conv1D
 from ..architectures import layout_of
 from ..errors import PeftkitError
 from .lora import check_targets, task_type
+from .options import refuse_unknown_options
 
 CONFIGS = {"ia3": IA3Config, "loha": LoHaConfig, "lokr": LoKrConfig, "vera": VeraConfig, "oft": OFTConfig,
            "boft": BOFTConfig, "fourierft": FourierFTConfig, "ln_tuning": LNTuningConfig, "adalora": AdaLoraConfig}
@@ -50,20 +50,10 @@ def config_options(config_class, set_elsewhere: tuple[str, ...] = ()) -> list[st
                   if f.init and f.name not in _SET_BY_PEFTKIT + set_elsewhere)
 
 
-def refuse_unknown(method: str, options: dict, config_class, valid: list[str]) -> None:
-    """An option not in `valid` is refused, named with the nearest valid ones."""
-    for option in options:
-        if option not in valid:
-            near = difflib.get_close_matches(option, valid, n=3)
-            hint = f"; did you mean {' or '.join(near)}?" if near else ""
-            raise PeftkitError(f"unknown {method} option {option!r}{hint} {config_class.__name__} accepts: "
-                               f"{', '.join(valid)}")
-
-
 def check_options(method: str, options: dict) -> None:
     """Every option is the config's (an unknown one is named with the nearest valid ones); ranks are usable."""
     valid = options_of(method)
-    refuse_unknown(method, options, CONFIGS[method], valid)
+    refuse_unknown_options(method, options, valid, CONFIGS[method].__name__)
     r = options.get("r", 8)
     # OFT's r is its block count, and 0 (its default) leaves that to oft_block_size
     usable = "0 (blocks of oft_block_size) or a positive integer" if method == "oft" else "a positive integer"

@@ -17,7 +17,8 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_N
 from ..anatomy import model_task
 from ..errors import PeftkitError
 from .lora import task_type
-from .peft_layers import config_options, refuse_unknown
+from .options import refuse_unknown_options
+from .peft_layers import config_options
 
 CONFIGS = {"prompt_tuning": PromptTuningConfig, "p_tuning": PromptEncoderConfig}
 # peft reads these from the model's config; another value would build prompts the model cannot take
@@ -33,7 +34,7 @@ def options_of(method: str) -> list[str]:
 def check_options(method: str, options: dict) -> None:
     """Every option is the config's (an unknown one is named with the nearest valid ones); the
     number of virtual tokens is usable."""
-    refuse_unknown(method, options, CONFIGS[method], options_of(method))
+    refuse_unknown_options(method, options, options_of(method), CONFIGS[method].__name__)
     tokens = options.get("num_virtual_tokens", VIRTUAL_TOKENS)
     if not isinstance(tokens, int) or isinstance(tokens, bool) or tokens <= 0:
         raise PeftkitError(f"{method} num_virtual_tokens must be a positive integer, got {tokens!r}")

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 from ...errors import PeftkitError
 from ...methods import METHODS as REGISTRY
-from ..options import refuse_unknown_options
+from ..options import field_names, refuse_unknown_options
 
 METHODS = tuple(name for name, m in REGISTRY.items() if m.tuner_module == "peftkit.tuners.bottleneck")
 NON_LINEARITIES = ("relu", "gelu", "silu", "tanh")
@@ -43,7 +43,7 @@ class Config:
 
     @classmethod
     def from_options(cls, options: dict, hidden_size: int | None = None) -> "Config":
-        refuse_unknown_options("bottleneck", options, cls)
+        refuse_unknown_options("bottleneck", options, field_names(cls))
         method = options.get("method", "houlsby")
         # Silently ignoring these would train something other than what was asked for.
         if "scaling" in options and method != "parallel":

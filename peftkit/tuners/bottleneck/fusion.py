@@ -22,7 +22,10 @@ is the sub-layer's output after its residual add and layer norm; at peftkit's si
 
 Adding a fusion freezes every parameter of the model but the fusion layers (attach then turns the
 task heads back on). Its file holds the fusion layers and every fused adapter's weights, and its
-record their names and options, so load_adapter rebuilds it whole on a bare base.
+record their names and options, so load_adapter rebuilds it whole on a bare base. On a model that
+holds some of those adapters already (a bank serving several fusions), it shares each one whose
+options and weights are the same, and removing it keeps those another fusion still fuses.
+A fusion's name runs it wherever the bottleneck tuner takes an adapter's: set_active, bank rows.
 """
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +38,7 @@ from ...composition import Fuse
 from ...errors import PeftkitError
 from ...fingerprint import check_same_base
 from . import model as bottleneck
+from ..options import refuse_unknown_options
 from .config import Config as BottleneckConfig
 
 REGULARIZATION = 0.01  # AdapterHub's weight on ||I - V||^2
@@ -72,9 +76,7 @@ class Config:
 
 
 def check_options(method: str, options: dict) -> None:
-    unknown = sorted(set(options) - {"adapters"})
-    if unknown:
-        raise PeftkitError(f"unknown fusion option(s) {', '.join(map(repr, unknown))}; fusion takes 'adapters'")
+    refuse_unknown_options("fusion", options, ["adapters"])
     adapters = options.get("adapters")
     if isinstance(adapters, dict):  # a saved fusion's record: {name: {"method", options}}
         bad = [n for n, o in adapters.items() if not isinstance(o, dict) or "method" not in o]
@@ -129,10 +131,19 @@ def inject(model: nn.Module, config: Config, name: str) -> None:
     same = [f for f, (adapters, *_) in state["fusions"].items() if adapters == config.adapters]
     if same:
         raise PeftkitError(f"fusion {same[0]!r} already fuses {', '.join(config.adapters)}; use it, or remove it first")
+    # A saved fusion's adapters may be held already (a bank serving fusions that share an adapter):
+    # the fusion shares one of the same options, and load_adapter_state_dict checks it holds the same weights.
+    for body, body_config in config.bodies.items():
+        if body in state["fusions"] or (body in state["adapters"] and state["adapters"][body][0] != body_config):
+            raise PeftkitError(f"fusion {name!r} brings in adapter {body!r}, but the model holds another "
+                               f"{'fusion' if body in state['fusions'] else 'adapter'} by that name; remove it "
+                               "first, or load the fusion on a model without it")
     weights = {body: _body_weights(model, folder) for body, folder in config.folders.items()}  # read before changes
     brought = []
     try:
         for body, body_config in config.bodies.items():
+            if body in state["adapters"]:
+                continue
             bottleneck.inject(model, body_config, body)
             brought.append(body)
             if body in weights:
@@ -163,7 +174,23 @@ def adapter_state_dict(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
 
 
 def load_adapter_state_dict(model: nn.Module, name: str, state_dict: dict) -> None:
-    bottleneck.copy_strict(_tensors(model, name), state_dict, f"fusion {name!r}")
+    """The fusion's weights and those of the adapters it brought in; an adapter it shares with the model
+    (held before it came) must hold exactly the weights saved with the fusion, and is left untouched."""
+    adapters, _, brought = _fusion(model, name)
+    own = _tensors(model, name)
+    for adapter in adapters:
+        if adapter in brought:
+            continue
+        prefix = f"adapters.{adapter}."
+        held = {k: t for k, t in own.items() if k.startswith(prefix)}
+        saved = {k: state_dict.get(k) for k in held}
+        if any(not isinstance(s, torch.Tensor) or s.shape != t.shape or not torch.equal(s.to(t), t)
+               for s, t in zip(saved.values(), held.values())):
+            raise PeftkitError(f"fusion {name!r} was saved with other weights for adapter {adapter!r} than the "
+                               "adapter of that name the model holds; unload that adapter first")
+        own = {k: t for k, t in own.items() if k not in held}
+        state_dict = {k: t for k, t in state_dict.items() if k not in held}
+    bottleneck.copy_strict(own, state_dict, f"fusion {name!r}")
 
 
 def set_active(model: nn.Module, name) -> None:
@@ -177,7 +204,8 @@ def set_active(model: nn.Module, name) -> None:
 
 
 def remove(model: nn.Module, name: str) -> None:
-    """Take fusion `name` out, with the adapters it brought in; adapters held before stay."""
+    """Take fusion `name` out, with the adapters it brought in; adapters held before stay, and so do
+    those another fusion still fuses (which then counts them as brought by it)."""
     adapters, sites, brought = _fusion(model, name)
     state = bottleneck._state(model)
     for site in sites:
@@ -187,7 +215,12 @@ def remove(model: nn.Module, name: str) -> None:
     if active == Fuse(*adapters) or (isinstance(active, tuple) and Fuse(*adapters) in active):
         bottleneck.set_active(model, None)
     for body in brought:
-        bottleneck.remove(model, body)
+        heir = next((f for f, (fused, *_) in state["fusions"].items() if body in fused), None)
+        if heir is None:
+            bottleneck.remove(model, body)
+        else:
+            fused, heir_sites, heir_brought = state["fusions"][heir]
+            state["fusions"][heir] = (fused, heir_sites, (*heir_brought, body))
 
 
 def describe(model) -> str:

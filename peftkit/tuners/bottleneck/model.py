@@ -35,8 +35,11 @@ def inject(model: nn.Module, config: Config, name: str) -> None:
     state = _state(model)
     if not isinstance(name, str) or not name or "." in name or hasattr(nn.ModuleDict(), name):
         raise PeftkitError(f"adapter name must be a non-empty string without '.', not a ModuleDict attribute; got {name!r}")
-    if name in state["adapters"]:
-        raise PeftkitError(f"adapter {name!r} already exists; existing: {', '.join(state['adapters'])}")
+    if name in state["adapters"] or name in state["fusions"]:
+        brought = [f for f, (_, _, bodies) in state["fusions"].items() if name in bodies]
+        held = (f"fusion {brought[0]!r} brought in an adapter by that name" if brought
+                else f"the model holds a {'fusion' if name in state['fusions'] else 'bottleneck adapter'} by that name")
+        raise PeftkitError(f"cannot add adapter {name!r}: {held}; pick another name")
     if not isinstance(config, Config):
         raise PeftkitError(f"config must be a bottleneck Config, got {type(config).__name__}")
     hidden, size, sites = fitted(model, config)  # everything is checked before the first change below
@@ -111,8 +114,8 @@ def copy_strict(own: dict, state_dict: dict, what: str) -> None:
 
 
 def set_active(model: nn.Module, name) -> None:
-    """`name`: an adapter's name, a block (peftkit.composition), None, or one name, Stack, Average or
-    None per batch row. Under Parallel the model repeats its batch once per adapter (see _Replicate)."""
+    """`name`: an adapter's or a fusion's name, a block (peftkit.composition), None, or one of those
+    but Parallel per batch row. Under Parallel the model repeats its batch once per adapter (see _Replicate)."""
     state = _state(model)
     name = check_active(model, name)
     state["active"] = name
@@ -128,6 +131,7 @@ def check_active(model: nn.Module, name):
     if isinstance(name, (list, tuple)):
         if not name:
             raise PeftkitError("set_active got an empty list; give one adapter name (or None) per batch row")
+        name = [_fused(state, n) for n in name]
         parallel = [n for n in name if isinstance(n, Parallel)]
         if parallel:
             raise PeftkitError(f"a batch row cannot run {parallel[0]!r}: Parallel repeats the whole batch; "
@@ -136,8 +140,16 @@ def check_active(model: nn.Module, name):
             _check_entry(state, entry)
         name = tuple(name)
     elif name is not None:
+        name = _fused(state, name)
         _check_entry(state, name)
     return name
+
+
+def _fused(state: dict, entry):
+    """A fusion's name stands for the Fuse block over its adapters (so a bank row may name a fusion)."""
+    if isinstance(entry, str) and entry in state["fusions"]:
+        return Fuse(*state["fusions"][entry][0])
+    return entry
 
 
 def _check_entry(state: dict, entry) -> None:

@@ -2,7 +2,7 @@
 from dataclasses import asdict, dataclass
 
 from peftkit.errors import PeftkitError
-from ..options import refuse_unknown_options
+from ..options import field_names, refuse_unknown_options
 
 
 @dataclass
@@ -13,7 +13,7 @@ class Config:
 
     @classmethod
     def from_options(cls, options: dict) -> "Config":
-        refuse_unknown_options("prefix", options, cls)
+        refuse_unknown_options("prefix", options, field_names(cls))
         config = cls(**options)
         config.validate()
         return config

@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass
 
 from ...errors import PeftkitError
 from .. import bottleneck, prefix
-from ..options import refuse_unknown_options
+from ..options import field_names, refuse_unknown_options
 
 
 @dataclass
@@ -27,7 +27,7 @@ class Config:
 
     @classmethod
     def from_options(cls, options: dict) -> "Config":
-        refuse_unknown_options("unipelt", options, cls)
+        refuse_unknown_options("unipelt", options, field_names(cls))
         config = cls(**options)
         config.validate()
         return config
