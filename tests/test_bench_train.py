@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import peftkit
-from peftkit.bench.benchfile import load_bench, recipe_for, selected
+from peftkit.bench.benchfile import LrSweep, load_bench, recipe_for, selected
 from peftkit.bench.train import run
 from peftkit.errors import PeftkitError
 from peftkit.compiling import blocks_of
@@ -184,13 +184,25 @@ def test_a_swept_variant_trains_its_row_at_the_rate_that_scored_best_on_validati
     lora, pfeiffer = rows
     trials = lora["lr_sweep"]
     assert [t["lr"] for t in trials] == [1e-6, 3e-2] and all(t["steps"] == 2 for t in trials)
-    assert lora["lr"] == max(trials, key=lambda t: t["validation"])["lr"] and lora["steps"] == 3
+    assert lora["lr"] == LrSweep.best(trials)["lr"] and lora["steps"] == 3
     assert len({t["validation"] for t in trials}) == 2, "two rates 4 decades apart scored the same"
     assert "lr_sweep" not in pfeiffer and pfeiffer["lr"] == 1e-3  # a variant's own rate is kept
     table = (tmp_path / "train-sw-cpu.md").read_text()
     assert f"| no | {lora['lr']:g} (swept) |" in table and f"| {pfeiffer['precision']} | no | 0.001 |" in table
     assert "| variant | lr 1e-06 | lr 0.03 |" in table and "| lora | " in table.split("| variant | lr 1e-06")[1]
     assert sorted((tmp_path / "logs").glob("sw-lora-cpu.lr*.log"))  # each short run kept its log
+
+
+def test_a_sweep_takes_the_best_score_and_breaks_near_ties_by_the_training_loss():
+    def trials(*scores_and_losses):
+        return [{"lr": lr, "validation": s, "final_loss": loss}
+                for lr, (s, loss) in zip((3e-4, 3e-3, 3e-2), scores_and_losses)]
+    # short runs that all predict the majority class: the loss tells the rates apart, a NaN ranks last
+    assert LrSweep.best(trials((0.5792, 0.69), (0.5792, 0.61), (0.5807, math.nan)))["lr"] == 3e-3
+    assert LrSweep.best(trials((0.5792, 0.69), (0.5792, 0.61), (0.5800, 0.55)))["lr"] == 3e-2
+    # a clear lead in score wins over a lower loss
+    assert LrSweep.best(trials((0.60, 0.69), (0.75, 0.65), (0.70, 0.40)))["lr"] == 3e-3
+    assert LrSweep.best(trials((0.75, 0.69), (0.745, 0.30), (0.70, 0.20)))["lr"] == 3e-3
 
 
 def test_a_bad_lr_sweep_is_refused_naming_what_is_valid(tmp_path):

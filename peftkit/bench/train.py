@@ -75,8 +75,8 @@ def warm_up(bench: Bench, variant: Variant, extra: list[str], log: Path) -> None
 
 
 def run_swept(bench: Bench, variant: Variant, extra: list[str], log: Path) -> dict:
-    """The variant's row, at the learning rate its short sweep runs scored best at on the validation
-    split when the file sweeps it (ties go to the first value), else at its recipe's."""
+    """The variant's row, at the learning rate LrSweep.best picks from its short sweep runs when the
+    file sweeps it, else at its recipe's."""
     sweep = bench.lr_sweep
     if sweep is None or not sweep.swept(variant):
         return run_child(bench, variant, extra, log)
@@ -84,8 +84,8 @@ def run_swept(bench: Bench, variant: Variant, extra: list[str], log: Path) -> di
     for lr in sweep.values:
         row = run_child(bench, variant, [*extra, *sweep_trial(sweep, lr)], log.with_suffix(f".lr{lr:g}.log"),
                         split="validation")
-        trials.append({"lr": lr, "validation": row["score"], "steps": row["steps"]})
-    best = max(trials, key=lambda t: t["validation"])  # max keeps the first of equal scores
+        trials.append({"lr": lr, "validation": row["score"], "steps": row["steps"], "final_loss": row["final_loss"]})
+    best = sweep.best(trials)
     return run_child(bench, variant, [*extra, f"train.lr={best['lr']!r}"], log) | {"lr_sweep": trials}
 
 

@@ -9,7 +9,7 @@ import math
 from pathlib import Path
 
 from ..plots import pyplot, save, smooth
-from .benchfile import SPECIAL
+from .benchfile import SPECIAL, SWEEP_TIE
 from .params_report import human_size
 
 SPEED_WARMUP_STEPS = 1  # the Meter's default, which the table states: steps left out of speed and MFU
@@ -99,12 +99,14 @@ def _sweep_table(meta: dict, rows: list[dict]) -> list[str]:
     sweep = meta["lr_sweep"]
     shorter = ", ".join(f"{k}={v}" for k, v in sweep["overrides"].items())
     out = ["", f"Learning rates marked *swept*: short runs ({shorter}) at each rate, scored by validation "
-               f"{rows[0]['metric']}; the row above trained at the best (the first of equal scores). "
+               f"{rows[0]['metric']} (and, in brackets, the training loss they ended at); the row above trained "
+               f"at the best score, or, among scores within {SWEEP_TIE:g} of it, at the lowest loss. "
                "Variants that set their own lr were not swept.", "",
            "| variant | " + " | ".join(f"lr {v:g}" for v in sweep["values"]) + " |",
            "| --- |" + " ---: |" * len(sweep["values"])]
     for r in swept:
-        cells = [f"**{t['validation']:.4f}**" if t["lr"] == r["lr"] else f"{t['validation']:.4f}" for t in r["lr_sweep"]]
+        cells = [(f"**{t['validation']:.4f}** ({t['final_loss']:.3f})" if t["lr"] == r["lr"]
+                  else f"{t['validation']:.4f} ({t['final_loss']:.3f})") for t in r["lr_sweep"]]
         out.append(f"| {r['variant']} | " + " | ".join(cells) + " |")
     return out
 
