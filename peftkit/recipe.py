@@ -46,6 +46,9 @@ class Data:
 class Train:
     epochs: float = 1.0
     max_steps: int = -1  # > 0 overrides epochs
+    # train only the first N optimizer steps of the planned run, whose learning rate keeps the whole run's
+    # warm-up and decay (a learning-rate sweep's short runs see the rates the whole run would); None: all
+    stop_after_steps: int | None = None
     batch_size: int = 16
     grad_accum: int = 1
     lr: float = 5e-4
@@ -108,6 +111,9 @@ class Recipe:
         t = self.train
         if t.keep not in ("best", "last"):
             raise PeftkitError(f"train.keep must be best or last, got {t.keep!r}")
+        if t.stop_after_steps is not None and (isinstance(t.stop_after_steps, bool) or t.stop_after_steps <= 0):
+            raise PeftkitError(f"train.stop_after_steps must be a positive number of optimizer steps (or null: the "
+                               f"whole run), got {t.stop_after_steps}")
         if t.eval_steps is not None and t.eval_steps < 0:
             raise PeftkitError(f"train.eval_steps must be 0 (no validation) or positive, got {t.eval_steps}")
         if t.early_stopping_patience is not None and t.early_stopping_patience <= 0:

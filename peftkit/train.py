@@ -34,7 +34,7 @@ from .recipe import TASK_METRICS, Recipe, check_trackers
 from .report import param_report
 from .saving import staged_dir, write_adapter_files
 from .tasks import Prepared, task_module
-from .trainer import AdapterTrainer, RankAllocation
+from .trainer import AdapterTrainer, RankAllocation, StopAfter
 
 EVALUATIONS = 4  # validation passes per run when the recipe does not set train.eval_steps
 
@@ -66,6 +66,9 @@ def set_up(recipe: Recipe, processes: int = 1) -> Setup:
     prepared = task.prepare(recipe, splits, tokenizer)  # every data check happens here, before training
     steps = planned_steps(recipe, len(prepared.train), processes)
     eval_steps = _eval_steps(recipe, steps)
+    if (recipe.train.stop_after_steps or 0) > steps:
+        raise PeftkitError(f"train.stop_after_steps {recipe.train.stop_after_steps} is longer than the run ({steps} "
+                           f"optimizer steps); set it to at most {steps}, or to null to train the whole run")
     spec = replace(spec, options=spec.about.for_run(spec.options, steps))
     taken = sorted(set(recipe.model_config) & set(prepared.model_kwargs))
     if taken:
@@ -114,6 +117,8 @@ def make_trainer(recipe: Recipe, setup: Setup, model, work: Path, save: bool = T
     compiled, compile_detail = resolve_compile(recipe.train.compile, model, setup.task.MODEL_TASK,
                                                method or setup.spec.method, setup.precision, setup.steps)
     callbacks = list(callbacks) + ([RankAllocation()] if setup.spec.about.rank_schedule else [])
+    if recipe.train.stop_after_steps:
+        callbacks.append(StopAfter(recipe.train.stop_after_steps))
     if eval_steps and recipe.train.early_stopping_patience:
         callbacks.append(EarlyStoppingCallback(recipe.train.early_stopping_patience,
                                                recipe.train.early_stopping_threshold))

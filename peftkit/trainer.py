@@ -110,6 +110,19 @@ class AdapterTrainer(Trainer):
         restore_adapter_weights(self.model, Path(self.state.best_model_checkpoint))
 
 
+class StopAfter(TrainerCallback):
+    """Ends training after `steps` optimizer steps (train.stop_after_steps) while the learning-rate
+    schedule stays planned for the whole run: Trainer's max_steps would shorten the schedule with it
+    (a short sweep run at a high rate then decays in time and looks better than the whole run at it)."""
+
+    def __init__(self, steps: int):
+        self.steps = steps
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step >= self.steps:
+            control.should_training_stop = True
+
+
 class RankAllocation(TrainerCallback):
     """AdaLoRA's rank budget: peft's update_and_allocate after every optimizer step. It scores each
     rank by its weights' gradients, so it runs in on_optimizer_step, the one callback the Trainer

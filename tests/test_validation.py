@@ -87,6 +87,26 @@ def test_early_stopping_ends_a_run_that_cannot_improve(tmp_path, scripted):
     assert max(row["step"] for row in log) == 3
 
 
+def test_stop_after_steps_trains_the_first_steps_of_the_whole_runs_schedule(tmp_path):
+    """A sweep's short run: the same steps, losses and learning rates as the first steps of the whole run
+    (max_steps would have decayed the rate over the short run instead)."""
+    def logged(run):  # the training steps' rows (the Trainer's closing summary row has no loss)
+        rows = [json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines()]
+        return [r for r in rows if "loss" in r]
+    settings = TINY + ["train.max_steps=8", "train.eval_steps=0", "train.warmup_ratio=0.25"]
+    whole = logged(train(load_recipe("sentiment-lora", settings + [f"output_dir={tmp_path / 'whole'}"])))
+    run = train(load_recipe("sentiment-lora", settings + ["train.stop_after_steps=3",
+                                                          f"output_dir={tmp_path / 'cut'}"]))
+    metrics, cut = json.loads((run / "metrics.json").read_text()), logged(run)
+    assert metrics["stopped_step"] == 3 and metrics["planned_steps"] == 8
+    assert [r["step"] for r in cut] == [1, 2, 3]
+    assert [(r["loss"], r["learning_rate"]) for r in cut] == [(r["loss"], r["learning_rate"]) for r in whole[:3]]
+    shortened = logged(train(load_recipe("sentiment-lora", TINY + ["train.max_steps=3", "train.eval_steps=0",
+                                                                   "train.warmup_ratio=0.25",
+                                                                   f"output_dir={tmp_path / 'short'}"])))
+    assert shortened[2]["learning_rate"] < cut[2]["learning_rate"]  # max_steps decays over the short run
+
+
 def test_resume_keeps_the_best_so_far_and_the_patience_count(tmp_path, scripted, checkpoints, monkeypatch):
     settings = TINY + ["train.max_steps=10", "train.eval_steps=1", "train.early_stopping_patience=3",
                        f"output_dir={tmp_path}"]
@@ -133,6 +153,9 @@ def test_tensorboard_event_files_hold_the_logged_scalars(tmp_path):
     (["train.report_to=[wandb]"], "report_to names wandb, but its package is not installed: pip install wandb"),
     (["train.report_to=[tensorbored]"], "unknown tracker 'tensorbored'; choose from tensorboard, wandb"),
     (["train.keep=first"], "train.keep must be best or last"),
+    (["train.stop_after_steps=0"], "train.stop_after_steps must be a positive number of optimizer steps"),
+    (["train.max_steps=4", "train.stop_after_steps=5"], r"train.stop_after_steps 5 is longer than the run \(4 "
+                                                         r"optimizer steps\); set it to at most 4"),
 ])
 def test_bad_training_settings_are_refused_before_training(tmp_path, settings, message, monkeypatch):
     started = []
