@@ -7,7 +7,11 @@
   "eager" attention computes them, forward and backward, at the recipes' shapes in fp32 and
   bf16 (where plain matmuls win sets peftkit.precision.SMALL_ATTENTION);
 * dropout: PyTorch's CPU dropout against peftkit's FastDropout on one hidden-state
-  tensor of the sentiment recipe (32 x 48 x 384), forward and backward.
+  tensor of the sentiment recipe (32 x 48 x 384), forward and backward;
+* linear layers at the headline recipe's shapes: each of SmolLM2-135M's projections on one
+  batch (8 x 192 tokens) in bf16, forward and the input-gradient backward (what a frozen layer
+  under LoRA computes), against the 2048x2048 peak. Their FLOP-weighted rate over the bf16 peak
+  is the headline recipe's MFU were a step to spend its time in these matmuls alone.
 Each figure is the best of several timed repetitions.
 """
 import sys
@@ -29,6 +33,11 @@ from peftkit.bench.script_results import script_command, write_result  # noqa: E
 # (tokens, batch, heads, head size): MiniLM's reviews (48 typical, 64 max), topic ledes and 192-token
 # rows, its QA windows; SmolLM2's headline rows
 ATTENTION = [(48, 32, 12, 32), (128, 32, 12, 32), (192, 32, 12, 32), (384, 16, 12, 32), (192, 8, 9, 64)]
+# SmolLM2-135M's projections (in, out, per layer), from its config: hidden 576, 9 query and 3 key/value
+# heads of 64, MLP 1536; 30 layers. Rows: the headline recipe's batch of 8 x 192 tokens.
+HEADLINE_ROWS = 8 * 192
+HEADLINE_LINEARS = {"q_proj": (576, 576), "k_proj": (576, 192), "v_proj": (576, 192), "o_proj": (576, 576),
+                    "gate_proj": (576, 1536), "up_proj": (576, 1536), "down_proj": (1536, 576)}
 
 
 def best_ms(fn, repeats: int = 7) -> float:
@@ -61,11 +70,24 @@ def dropout_ms(layer, dtype) -> float:
     return best_ms(lambda: layer(x).float().sum().backward(), repeats=15)
 
 
+def linear_gflops(rows: int, n_in: int, n_out: int) -> float:
+    """bf16 forward (x W^T) and input-gradient backward (g W) of a frozen linear layer: GFLOP/s."""
+    x = torch.randn(rows, n_in, dtype=torch.bfloat16)
+    w = torch.randn(n_out, n_in, dtype=torch.bfloat16)
+    g = torch.randn(rows, n_out, dtype=torch.bfloat16)
+
+    def step():
+        for _ in range(8):
+            x @ w.T
+            g @ w
+    return 8 * 2 * 2 * rows * n_in * n_out / (best_ms(step) / 1e3) / 1e9
+
+
 def main(argv=None) -> int:
     out_dir = Path(_arguments(argv).out)
     results = {"command": script_command("cpu_kernels.py", argv),
                "machine": machine_info("cpu"), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-               "matmul_gflops": {}, "attention_ms": [], "dropout_ms": {}}
+               "matmul_gflops": {}, "attention_ms": [], "dropout_ms": {}, "headline_linears": {}}
     for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
         results["matmul_gflops"][name] = round(peak_matmul_flops("cpu", dtype) / 1e9, 1)
     for tokens, batch, heads, size in ATTENTION:
@@ -78,8 +100,18 @@ def main(argv=None) -> int:
     for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
         results["dropout_ms"][name] = {"torch": round(dropout_ms(torch.nn.Dropout(0.1).train(), dtype), 2),
                                        "peftkit": round(dropout_ms(FastDropout(0.1).train(), dtype), 2)}
+    for name, (n_in, n_out) in HEADLINE_LINEARS.items():
+        results["headline_linears"][name] = round(linear_gflops(HEADLINE_ROWS, n_in, n_out), 1)
+    results["headline_ceiling"] = round(linear_ceiling(results) / results["matmul_gflops"]["bf16"], 3)
     write_result(out_dir, "cpu-kernels-cpu", results, markdown(results))
     return 0
+
+
+def linear_ceiling(r: dict) -> float:
+    """The FLOP-weighted GFLOP/s of the headline model's projections: their FLOPs over their summed time."""
+    flops = {name: n_in * n_out for name, (n_in, n_out) in HEADLINE_LINEARS.items()}
+    seconds = sum(f / r["headline_linears"][name] for name, f in flops.items())
+    return sum(flops.values()) / seconds
 
 
 def markdown(r: dict) -> str:
@@ -102,6 +134,18 @@ def markdown(r: dict) -> str:
               "| dtype | torch.nn.Dropout | peftkit FastDropout |", "| --- | ---: | ---: |"]
     for name, d in r["dropout_ms"].items():
         lines.append(f"| {name} | {d['torch']} | {d['peftkit']} |")
+    if r.get("headline_linears"):  # files written before this section have none
+        lines += ["", f"SmolLM2-135M's projections on the headline recipe's batch ({HEADLINE_ROWS} rows), bf16, "
+                      "forward + input-gradient backward (GFLOP/s):", "",
+                  "| layer | in x out | GFLOP/s | of the bf16 peak |", "| --- | --- | ---: | ---: |"]
+        for name, (n_in, n_out) in HEADLINE_LINEARS.items():
+            rate = r["headline_linears"][name]
+            lines.append(f"| {name} | {n_in} x {n_out} | {rate} | {rate / r['matmul_gflops']['bf16']:.2f} |")
+        lines += ["", f"FLOP-weighted: **{linear_ceiling(r):.0f} GFLOP/s, {r['headline_ceiling']:.2f} of the bf16 "
+                      "peak.** Nearly all of a headline step's model FLOPs are in these layers (the LM head's rows "
+                      "are the answer tokens only), so a step that spent its time in them alone would reach this "
+                      "MFU; what a step measures below it is time spent outside these matmuls (attention, "
+                      "elementwise work and casts, the optimizer, Python)."]
     return "\n".join(lines) + "\n"
 
 
