@@ -3,7 +3,7 @@
     precision = resolve_precision("auto")     # "bf16" on a bf16 GPU or a CPU with AVX512-BF16 / AMX
     store_frozen_in_bf16(model, precision)    # the frozen base in bf16, once
     with compute(precision): model(**batch)   # bf16 autocast; adapters and heads keep fp32 weights
-    with inputs_as_they_come(model): ...      # peft's layers skip their cast of the input to fp32
+    with inputs_as_they_come(input_cast_switches(model)): ...   # peft's layers skip their input cast
 
 bf16 is mixed precision as transformers' `Trainer(bf16=True)` does it: autocast runs the
 matmuls in bf16 and keeps fp32 master weights for what trains. Under autocast alone
@@ -77,16 +77,22 @@ def compute(precision: str, model=None):
     stack = contextlib.ExitStack()
     stack.enter_context(torch.autocast("cuda" if torch.cuda.is_available() else "cpu", dtype=torch.bfloat16))
     if model is not None:
-        stack.enter_context(inputs_as_they_come(model))
+        stack.enter_context(inputs_as_they_come(input_cast_switches(model)))
     return stack
 
 
+def input_cast_switches(model) -> list:
+    """The peft layers of `model` that cast their input to their adapter weights' dtype and have
+    peft's switch to not do so (LoRA's, LoHa's, OFT's ...; IA3's and VeRA's have none in peft 0.21).
+    Found once by a trainer, not at every step: the model's modules do not change while it trains."""
+    return [m for m in model.modules() if isinstance(vars(m).get("cast_input_dtype_enabled"), bool)]
+
+
 @contextlib.contextmanager
-def inputs_as_they_come(model, active: bool = True):
-    """peft's disable_input_dtype_casting, for the layers that have its switch. Written here because
-    peft's helper reads the switch on every peft layer, and IA3's (peft 0.21) has none: it raised an
+def inputs_as_they_come(layers: list):
+    """peft's disable_input_dtype_casting over `layers` (input_cast_switches). Written here because
+    peft's helper reads the switch on every peft layer, and IA3's has none: it raised an
     AttributeError, so an IA3 run could not train in bf16. Layers without the switch cast as before."""
-    layers = [m for m in model.modules() if active and isinstance(getattr(m, "cast_input_dtype_enabled", None), bool)]
     before = [m.cast_input_dtype_enabled for m in layers]
     for layer in layers:
         layer.cast_input_dtype_enabled = False

@@ -9,7 +9,7 @@ from peft import PeftModel
 from transformers import Trainer, TrainerCallback
 
 from .batching import LengthBucketSampler
-from .precision import inputs_as_they_come
+from .precision import input_cast_switches, inputs_as_they_come
 from .saving import restore_adapter_weights, write_adapter_files
 from .tuners.bottleneck.fusion import regularization as fusion_regularization
 
@@ -44,11 +44,11 @@ class AdapterTrainer(Trainer):
         # Under bf16 autocast peft's LoRA layers cast their bf16 input to the fp32 adapter weights,
         # and autocast casts it straight back for the matmul: two copies per layer, each way, for
         # nothing. peft's own switch leaves the input as it comes (a no-op for our own methods).
-        self.bf16_inputs = bf16_inputs
+        self.cast_switches = input_cast_switches(model) if bf16_inputs else []
         self.compiled = compiled  # compiling.CompiledBlocks for training steps, or None
 
     def training_step(self, model, *args, **kwargs):
-        with inputs_as_they_come(model, active=self.bf16_inputs), self.compiled or contextlib.nullcontext():
+        with inputs_as_they_come(self.cast_switches), self.compiled or contextlib.nullcontext():
             return super().training_step(model, *args, **kwargs)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):

@@ -135,7 +135,7 @@ def test_leaving_peft_inputs_in_bf16_changes_no_loss_or_gradient():
     runs = []
     for cast in (True, False):
         model.zero_grad()
-        with precision.compute("bf16"), precision.inputs_as_they_come(model, active=not cast):
+        with precision.compute("bf16"), precision.inputs_as_they_come([] if cast else precision.input_cast_switches(model)):
             loss = model(**batch).loss
         loss.backward()
         runs.append((loss.detach(), [p.grad.clone() for p in model.parameters() if p.requires_grad]))

@@ -105,8 +105,8 @@ def _sweep_table(meta: dict, rows: list[dict]) -> list[str]:
            "| variant | " + " | ".join(f"lr {v:g}" for v in sweep["values"]) + " |",
            "| --- |" + " ---: |" * len(sweep["values"])]
     for r in swept:
-        cells = [(f"**{t['validation']:.4f}** ({t['final_loss']:.3f})" if t["lr"] == r["lr"]
-                  else f"{t['validation']:.4f} ({t['final_loss']:.3f})") for t in r["lr_sweep"]]
+        cells = [(f"**{t['validation']:.4f}**" if t["lr"] == r["lr"] else f"{t['validation']:.4f}")
+                 + f" ({t['final_loss']:.3f})" for t in r["lr_sweep"]]
         out.append(f"| {r['variant']} | " + " | ".join(cells) + " |")
     return out
 

@@ -178,29 +178,26 @@ def load_adapter_state_dict(model: nn.Module, name: str, state_dict: dict) -> No
     (held before it came) must hold exactly the weights saved with the fusion, and is left untouched."""
     adapters, _, brought = _fusion(model, name)
     own = _tensors(model, name)
-    for adapter in adapters:
-        if adapter in brought:
-            continue
-        prefix = f"adapters.{adapter}."
-        held = {k: t for k, t in own.items() if k.startswith(prefix)}
-        saved = {k: state_dict.get(k) for k in held}
-        if any(not isinstance(s, torch.Tensor) or s.shape != t.shape or not torch.equal(s.to(t), t)
-               for s, t in zip(saved.values(), held.values())):
-            raise PeftkitError(f"fusion {name!r} was saved with other weights for adapter {adapter!r} than the "
-                               "adapter of that name the model holds; unload that adapter first")
-        own = {k: t for k, t in own.items() if k not in held}
-        state_dict = {k: t for k, t in state_dict.items() if k not in held}
-    bottleneck.copy_strict(own, state_dict, f"fusion {name!r}")
+    held_before = tuple(f"adapters.{a}." for a in adapters if a not in brought)
+    shared = {k: t for k, t in own.items() if k.startswith(held_before)}
+    differ = [k for k, t in shared.items() if not (isinstance(state_dict.get(k), torch.Tensor)
+                                                    and state_dict[k].shape == t.shape
+                                                    and torch.equal(state_dict[k].to(t), t))]
+    if differ:
+        raise PeftkitError(f"fusion {name!r} was saved with other weights for adapter {differ[0].split('.')[1]!r} "
+                           "than the adapter of that name the model holds; unload that adapter first")
+    bottleneck.copy_strict({k: t for k, t in own.items() if k not in shared},
+                           {k: t for k, t in state_dict.items() if k not in shared}, f"fusion {name!r}")
 
 
 def set_active(model: nn.Module, name) -> None:
-    """`name`: a fusion's name, or None (no bottleneck adapter runs)."""
-    if name is None:
-        bottleneck.set_active(model, None)
-        return
-    if not isinstance(name, str):
+    """`name`: a fusion's name, or None (no bottleneck adapter runs); the bottleneck tuner runs a
+    fusion by its name."""
+    if name is not None and not isinstance(name, str):
         raise PeftkitError(f"a fusion runs whole batches: give its name or None, not {name!r}")
-    bottleneck.set_active(model, Fuse(*_fusion(model, name)[0]))
+    if name is not None:
+        _fusion(model, name)  # an unknown name is refused with the fusions there are
+    bottleneck.set_active(model, name)
 
 
 def remove(model: nn.Module, name: str) -> None:
