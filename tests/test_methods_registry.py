@@ -205,6 +205,9 @@ def test_an_unknown_option_of_peftkits_own_methods_names_the_nearest_valid_ones(
     with pytest.raises(PeftkitError, match=r"unknown LoRA option 'lora_alfa'; did you mean lora_alpha( or .*)?\? "
                                            "LoraConfig accepts: "):
         peftkit.attach(make_tiny("bert", "cls"), {"method": "lora", "lora_alfa": 16})
+    # fields peftkit fills in itself are not options: inference_mode would leave nothing to train
+    with pytest.raises(PeftkitError, match=r"unknown LoRA option 'inference_mode'"):
+        peftkit.attach(make_tiny("bert", "cls"), {"method": "lora", "inference_mode": True})
     with pytest.raises(PeftkitError, match=r"unknown fusion option 'adaptors'; did you mean adapters\? fusion accepts: "
                                            "adapters$"):
         peftkit.attach(make_tiny("bert", "cls"), {"method": "fusion", "adaptors": ["a", "b"]})

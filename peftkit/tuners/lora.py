@@ -1,6 +1,5 @@
 """LoRA is peft's: this module only turns peftkit options into a LoraConfig,
 filling per-architecture defaults and checking targets before peft runs."""
-import dataclasses
 import re
 
 from peft import LoraConfig, TaskType
@@ -8,9 +7,9 @@ from peft import LoraConfig, TaskType
 from ..anatomy import model_task
 from ..architectures import candidate_modules, layout_of
 from ..errors import PeftkitError
-from .options import refuse_unknown_options
+from .options import config_options, refuse_unknown_options
 
-OPTIONS = sorted(f.name for f in dataclasses.fields(LoraConfig) if f.init and f.name not in ("peft_type", "task_type"))
+OPTIONS = config_options(LoraConfig)
 
 
 def build_config(method: str, options: dict, model, heads: list[str]) -> LoraConfig:

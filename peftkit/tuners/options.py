@@ -2,11 +2,16 @@
 
     refuse_unknown_options("bottleneck", options, allowed)   PeftkitError naming the nearest allowed ones
     field_names(Config)                                       a config dataclass's options
+    config_options(LoraConfig)                                 what a peft config takes from a user
 """
 import difflib
 from dataclasses import fields
 
 from ..errors import PeftkitError
+
+# A peft config's fields that peftkit (or peft) fills in, never the user
+SET_BY_PEFTKIT = ("peft_type", "task_type", "base_model_name_or_path", "revision", "peft_version",
+                  "inference_mode", "auto_mapping")
 
 
 def refuse_unknown_options(method: str, options, allowed, accepted_by: str | None = None) -> None:
@@ -25,3 +30,9 @@ def refuse_unknown_options(method: str, options, allowed, accepted_by: str | Non
 
 def field_names(config_class) -> list[str]:
     return [f.name for f in fields(config_class)]
+
+
+def config_options(config_class, set_elsewhere: tuple[str, ...] = ()) -> list[str]:
+    """The options a peft config takes from a user: its fields but those peftkit (or peft) sets."""
+    return sorted(f.name for f in fields(config_class)
+                  if f.init and f.name not in SET_BY_PEFTKIT + set_elsewhere)

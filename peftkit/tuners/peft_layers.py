@@ -20,12 +20,10 @@ from transformers.pytorch_utils import Conv1D
 from ..architectures import layout_of
 from ..errors import PeftkitError
 from .lora import check_targets, task_type
-from .options import refuse_unknown_options
+from .options import config_options, refuse_unknown_options
 
 CONFIGS = {"ia3": IA3Config, "loha": LoHaConfig, "lokr": LoKrConfig, "vera": VeraConfig, "oft": OFTConfig,
            "boft": BOFTConfig, "fourierft": FourierFTConfig, "ln_tuning": LNTuningConfig, "adalora": AdaLoraConfig}
-_SET_BY_PEFTKIT = ("peft_type", "task_type", "base_model_name_or_path", "revision", "peft_version",
-                   "inference_mode", "auto_mapping")
 # The Layout field naming each method's default targets (LoRA's, where not listed); None keeps peft's
 # own per-architecture table, which for IA3 names attention and the MLP together.
 _DEFAULT_TARGETS = {"ia3": None, "ln_tuning": "norm_targets"}
@@ -42,12 +40,6 @@ _SIZES = {"oft": ("oft_block_size",), "boft": ("boft_block_size",), "fourierft":
 
 def options_of(method: str) -> list[str]:
     return config_options(CONFIGS[method])
-
-
-def config_options(config_class, set_elsewhere: tuple[str, ...] = ()) -> list[str]:
-    """The options a peft config takes from a user: its fields but those peftkit (or peft) sets."""
-    return sorted(f.name for f in dataclasses.fields(config_class)
-                  if f.init and f.name not in _SET_BY_PEFTKIT + set_elsewhere)
 
 
 def check_options(method: str, options: dict) -> None:

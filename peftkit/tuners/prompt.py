@@ -17,8 +17,7 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_N
 from ..anatomy import model_task
 from ..errors import PeftkitError
 from .lora import task_type
-from .options import refuse_unknown_options
-from .peft_layers import config_options
+from .options import config_options, refuse_unknown_options
 
 CONFIGS = {"prompt_tuning": PromptTuningConfig, "p_tuning": PromptEncoderConfig}
 # peft reads these from the model's config; another value would build prompts the model cannot take
