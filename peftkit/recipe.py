@@ -111,7 +111,7 @@ class Recipe:
         t = self.train
         if t.keep not in ("best", "last"):
             raise PeftkitError(f"train.keep must be best or last, got {t.keep!r}")
-        if t.stop_after_steps is not None and (isinstance(t.stop_after_steps, bool) or t.stop_after_steps <= 0):
+        if t.stop_after_steps is not None and t.stop_after_steps <= 0:
             raise PeftkitError(f"train.stop_after_steps must be a positive number of optimizer steps (or null: the "
                                f"whole run), got {t.stop_after_steps}")
         if t.eval_steps is not None and t.eval_steps < 0:

@@ -34,7 +34,7 @@ from .recipe import TASK_METRICS, Recipe, check_trackers
 from .report import param_report
 from .saving import staged_dir, write_adapter_files
 from .tasks import Prepared, task_module
-from .trainer import AdapterTrainer, RankAllocation, StopAfter
+from .trainer import AdapterTrainer, RankAllocation, StopAfter, check_stop_after
 
 EVALUATIONS = 4  # validation passes per run when the recipe does not set train.eval_steps
 
@@ -66,9 +66,7 @@ def set_up(recipe: Recipe, processes: int = 1) -> Setup:
     prepared = task.prepare(recipe, splits, tokenizer)  # every data check happens here, before training
     steps = planned_steps(recipe, len(prepared.train), processes)
     eval_steps = _eval_steps(recipe, steps)
-    if (recipe.train.stop_after_steps or 0) > steps:
-        raise PeftkitError(f"train.stop_after_steps {recipe.train.stop_after_steps} is longer than the run ({steps} "
-                           f"optimizer steps); set it to at most {steps}, or to null to train the whole run")
+    check_stop_after(recipe.train.stop_after_steps, steps)
     spec = replace(spec, options=spec.about.for_run(spec.options, steps))
     taken = sorted(set(recipe.model_config) & set(prepared.model_kwargs))
     if taken:

@@ -9,6 +9,7 @@ from peft import PeftModel
 from transformers import Trainer, TrainerCallback
 
 from .batching import LengthBucketSampler
+from .errors import PeftkitError
 from .precision import input_cast_switches, inputs_as_they_come
 from .saving import restore_adapter_weights, write_adapter_files
 from .tuners.bottleneck.fusion import regularization as fusion_regularization
@@ -118,9 +119,26 @@ class StopAfter(TrainerCallback):
     def __init__(self, steps: int):
         self.steps = steps
 
+    def on_train_begin(self, args, state, control, **kwargs):
+        # peftkit's own runs are refused before the model loads (train.set_up); this catches the rest
+        # (the bench's reference scripts), whose step count only their Trainer knows
+        check_stop_after(self.steps, state.max_steps)
+
     def on_step_end(self, args, state, control, **kwargs):
         if state.global_step >= self.steps:
             control.should_training_stop = True
+            # the stopped run's last step is validated and saved, as Trainer does at a whole run's last
+            # step (only at max_steps): with keep: best it may be the step kept, and it is never lost
+            if args.eval_strategy != "no":
+                control.should_evaluate = True
+            if args.save_strategy != "no":
+                control.should_save = True
+
+
+def check_stop_after(stop_after: int | None, steps: int) -> None:
+    if (stop_after or 0) > steps:
+        raise PeftkitError(f"train.stop_after_steps {stop_after} is longer than the run ({steps} optimizer "
+                           f"steps); set it to at most {steps}, or to null to train the whole run")
 
 
 class RankAllocation(TrainerCallback):

@@ -202,7 +202,9 @@ def test_a_sweep_takes_the_best_score_and_breaks_near_ties_by_the_training_loss(
     assert LrSweep.best(trials((0.5792, 0.69), (0.5792, 0.61), (0.5800, 0.55)))["lr"] == 3e-2
     # a clear lead in score wins over a lower loss
     assert LrSweep.best(trials((0.60, 0.69), (0.75, 0.65), (0.70, 0.40)))["lr"] == 3e-3
+    # within the tie width, a slightly lower score with the lower loss wins; just outside it, it does not
     assert LrSweep.best(trials((0.75, 0.69), (0.745, 0.30), (0.70, 0.20)))["lr"] == 3e-3
+    assert LrSweep.best(trials((0.75, 0.69), (0.739, 0.30), (0.70, 0.20)))["lr"] == 3e-4
 
 
 def test_a_bad_lr_sweep_is_refused_naming_what_is_valid(tmp_path):

@@ -262,10 +262,28 @@ def test_the_bank_refuses_a_fusion_whose_copy_of_a_shared_adapter_differs(tmp_pa
     inputs = tiny_inputs(batch=2)
     before = bank.forward(["f", None], **inputs).logits
     with pytest.raises(PeftkitError, match=r"^fusion 'g' was saved with other weights for adapter 'a' than the "
-                                           "adapter of that name the model holds; unload that adapter first$"):
+                                           r"model holds \(fusion 'f' brought in an adapter by that name\); "
+                                           "unload 'f' first, or load the fusion on a model without it$"):
         bank.load("g", tmp_path / "g")
     assert [a["name"] for a in bank.adapters()] == ["f"]
     close(bank.forward(["f", None], **inputs).logits, before, atol=0)
+    assert {n for m in bank.model.modules() if isinstance(m, BottleneckWrapper) for n in m.adapters} == {"a", "b"}
+    bank.unload("f")  # the advice works: g then loads with its own a
+    bank.load("g", tmp_path / "g")
+    assert [a["name"] for a in bank.adapters()] == ["g"]
+
+
+def test_the_bank_refuses_a_fusion_whose_shared_adapter_has_other_options(tmp_path):
+    saved_fusion(tmp_path, "bert", "cls", ["a", "b"], 10, "f")  # a is a Pfeiffer adapter here
+    model = peftkit.fuse(holding("bert", "cls", ("houlsby", "pfeiffer", "houlsby"), ("a", "b", "c")), ["a", "c"])
+    peftkit.save_adapter(model, tmp_path / "g", "fusion")
+    bank = AdapterBank(make_tiny("bert", "cls"))
+    bank.load("f", tmp_path / "f")
+    with pytest.raises(PeftkitError, match=r"^fusion 'g' brings in adapter 'a', but fusion 'f' brought in an adapter "
+                                           "by that name with other options; unload 'f' first, or load the fusion "
+                                           "on a model without it$"):
+        bank.load("g", tmp_path / "g")
+    assert [a["name"] for a in bank.adapters()] == ["f"]
     assert {n for m in bank.model.modules() if isinstance(m, BottleneckWrapper) for n in m.adapters} == {"a", "b"}
 
 

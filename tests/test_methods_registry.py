@@ -205,6 +205,9 @@ def test_an_unknown_option_of_peftkits_own_methods_names_the_nearest_valid_ones(
     with pytest.raises(PeftkitError, match=r"unknown LoRA option 'lora_alfa'; did you mean lora_alpha( or .*)?\? "
                                            "LoraConfig accepts: "):
         peftkit.attach(make_tiny("bert", "cls"), {"method": "lora", "lora_alfa": 16})
+    with pytest.raises(PeftkitError, match=r"unknown LoRA option 'lora_alfa' \(also unknown: 'rank', 'targets'\); "
+                                           "did you mean lora_alpha"):  # every mistake named in one go
+        peftkit.attach(make_tiny("bert", "cls"), {"method": "lora", "lora_alfa": 16, "rank": 4, "targets": ["q"]})
     # fields peftkit fills in itself are not options: inference_mode would leave nothing to train
     with pytest.raises(PeftkitError, match=r"unknown LoRA option 'inference_mode'"):
         peftkit.attach(make_tiny("bert", "cls"), {"method": "lora", "inference_mode": True})

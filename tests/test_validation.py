@@ -107,6 +107,28 @@ def test_stop_after_steps_trains_the_first_steps_of_the_whole_runs_schedule(tmp_
     assert shortened[2]["learning_rate"] < cut[2]["learning_rate"]  # max_steps decays over the short run
 
 
+def test_a_run_stopped_early_validates_and_saves_its_last_step(tmp_path, scripted, checkpoints):
+    """Stopped between passes (every 2 steps, stopped at 3), the last step still gets its pass and its
+    checkpoint, as a whole run's last step does: keep: best may keep it."""
+    scripted += [0.5, 0.9]
+    run = train(load_recipe("sentiment-lora", TINY + ["train.max_steps=8", "train.eval_steps=2",
+                                                       "train.stop_after_steps=3", f"output_dir={tmp_path}"]))
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert [row["step"] for row in metrics["validation"]] == [2, 3]
+    assert metrics["best_step"] == 3 and metrics["stopped_step"] == 3 and metrics["kept_validation"]["accuracy"] == 0.9
+    assert _equal(run / WEIGHTS, checkpoints / "3.safetensors")
+
+
+def test_any_trainer_refuses_a_stop_after_past_the_runs_end():
+    """The bench's reference scripts plan their own steps; StopAfter checks against them before step 1."""
+    from transformers import TrainerControl, TrainerState
+
+    from peftkit.trainer import StopAfter
+    with pytest.raises(PeftkitError, match=r"^train.stop_after_steps 5 is longer than the run \(4 optimizer steps\)"):
+        StopAfter(5).on_train_begin(None, TrainerState(max_steps=4), TrainerControl())
+    StopAfter(4).on_train_begin(None, TrainerState(max_steps=4), TrainerControl())
+
+
 def test_resume_keeps_the_best_so_far_and_the_patience_count(tmp_path, scripted, checkpoints, monkeypatch):
     settings = TINY + ["train.max_steps=10", "train.eval_steps=1", "train.early_stopping_patience=3",
                        f"output_dir={tmp_path}"]

@@ -26,8 +26,8 @@ ROOT = shipped_root()  # benchmark files name paths under it (recipes/..., bench
 RESULTS_DIR = ROOT / "benchmarks" / "results" if ROOT == CHECKOUT else Path("benchmarks") / "results"
 REFERENCES = ("reference", "reference-tuned")  # peft + a plain Trainer script: as is, and tuned
 SPECIAL = ("full", *REFERENCES)
-# sweep runs whose validation scores are this close count as tied: about one standard error of an
-# accuracy near 0.6 on the sentiment recipe's 1,319 validation reviews
+# sweep runs whose validation scores are this close count as tied: under one standard error of an
+# accuracy near 0.6 on the sentiment recipe's 1,319 validation reviews (0.013); one width for every bench file
 SWEEP_TIE = 0.01
 
 

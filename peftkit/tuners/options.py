@@ -24,7 +24,8 @@ def refuse_unknown_options(method: str, options, allowed, accepted_by: str | Non
     if unknown:
         near = difflib.get_close_matches(unknown[0], allowed, n=3)
         hint = f"did you mean {' or '.join(near)}? " if near else ""
-        raise PeftkitError(f"unknown {method} option {unknown[0]!r}; {hint}"
+        also = f" (also unknown: {', '.join(map(repr, unknown[1:]))})" if len(unknown) > 1 else ""  # one fix, not one per run
+        raise PeftkitError(f"unknown {method} option {unknown[0]!r}{also}; {hint}"
                            f"{accepted_by or method} accepts: {', '.join(allowed)}")
 
 

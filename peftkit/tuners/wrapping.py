@@ -39,4 +39,5 @@ def unwrapped(module: nn.Module, wrapper_class) -> nn.Module:
 
 
 def device_of(layer: nn.Module, model: nn.Module):
-    return next((p.device for p in layer.parameters()), model.device)
+    param = next(layer.parameters(), None)  # model.device only when needed: a plain nn.Module has none
+    return param.device if param is not None else model.device

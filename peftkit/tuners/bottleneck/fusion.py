@@ -135,8 +135,9 @@ def inject(model: nn.Module, config: Config, name: str) -> None:
     # the fusion shares one of the same options, and load_adapter_state_dict checks it holds the same weights.
     for body, body_config in config.bodies.items():
         if body in state["fusions"] or (body in state["adapters"] and state["adapters"][body][0] != body_config):
-            raise PeftkitError(f"fusion {name!r} brings in adapter {body!r}, but the model holds another "
-                               f"{'fusion' if body in state['fusions'] else 'adapter'} by that name; remove it "
+            held, owner = bottleneck.holding(state, body)
+            other = "" if body in state["fusions"] else " with other options"
+            raise PeftkitError(f"fusion {name!r} brings in adapter {body!r}, but {held}{other}; unload {owner!r} "
                                "first, or load the fusion on a model without it")
     weights = {body: _body_weights(model, folder) for body, folder in config.folders.items()}  # read before changes
     brought = []
@@ -184,8 +185,10 @@ def load_adapter_state_dict(model: nn.Module, name: str, state_dict: dict) -> No
                                                     and state_dict[k].shape == t.shape
                                                     and torch.equal(state_dict[k].to(t), t))]
     if differ:
-        raise PeftkitError(f"fusion {name!r} was saved with other weights for adapter {differ[0].split('.')[1]!r} "
-                           "than the adapter of that name the model holds; unload that adapter first")
+        adapter = differ[0].split(".")[1]
+        held, owner = bottleneck.holding(bottleneck._state(model), adapter)
+        raise PeftkitError(f"fusion {name!r} was saved with other weights for adapter {adapter!r} than the model "
+                           f"holds ({held}); unload {owner!r} first, or load the fusion on a model without it")
     bottleneck.copy_strict({k: t for k, t in own.items() if k not in shared},
                            {k: t for k, t in state_dict.items() if k not in shared}, f"fusion {name!r}")
 

@@ -36,10 +36,7 @@ def inject(model: nn.Module, config: Config, name: str) -> None:
     if not isinstance(name, str) or not name or "." in name or hasattr(nn.ModuleDict(), name):
         raise PeftkitError(f"adapter name must be a non-empty string without '.', not a ModuleDict attribute; got {name!r}")
     if name in state["adapters"] or name in state["fusions"]:
-        brought = [f for f, (_, _, bodies) in state["fusions"].items() if name in bodies]
-        held = (f"fusion {brought[0]!r} brought in an adapter by that name" if brought
-                else f"the model holds a {'fusion' if name in state['fusions'] else 'bottleneck adapter'} by that name")
-        raise PeftkitError(f"cannot add adapter {name!r}: {held}; pick another name")
+        raise PeftkitError(f"cannot add adapter {name!r}: {holding(state, name)[0]}; pick another name")
     if not isinstance(config, Config):
         raise PeftkitError(f"config must be a bottleneck Config, got {type(config).__name__}")
     hidden, size, sites = fitted(model, config)  # everything is checked before the first change below
@@ -68,6 +65,15 @@ def inject(model: nn.Module, config: Config, name: str) -> None:
     state["adapters"][name] = (replace(config), [site for site, _ in sites])  # a copy: callers may reuse theirs
     model.__dict__[STATE] = state
     set_active(model, name)
+
+
+def holding(state: dict, name: str) -> tuple[str, str]:
+    """For a refusal over a name the model holds: who holds it, and what to unload to free it. An adapter
+    a saved fusion brought in is no entry of its own (a bank unloads the fusion), so that fusion is named."""
+    brought = [f for f, (_, _, bodies) in state["fusions"].items() if name in bodies]
+    if brought:
+        return f"fusion {brought[0]!r} brought in an adapter by that name", brought[0]
+    return f"the model holds a {'fusion' if name in state['fusions'] else 'bottleneck adapter'} by that name", name
 
 
 def fitted(model: nn.Module, config: Config) -> tuple[int, int, list]:
