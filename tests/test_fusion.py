@@ -238,6 +238,11 @@ def test_the_bank_serves_saved_fusions_per_row_beside_other_adapters(tmp_path, a
     for name in ("f", "g", "p"):
         bank.load(name, tmp_path / name)
     assert [a["method"] for a in bank.adapters()] == ["fusion", "fusion", "houlsby"]
+    # g's copy of a is f's: the memory g adds leaves a out (f, over a and b, and g, over a and c, are alike)
+    memory = {a["name"]: a["memory_bytes"] for a in bank.adapters()}
+    a_bytes = sum(t.numel() * t.element_size() for m in bank.model.modules() if isinstance(m, BottleneckWrapper)
+                  and "a" in m.adapters for t in m.adapters["a"].parameters())
+    assert a_bytes > 0 and memory["g"] == memory["f"] - a_bytes
     rows = ["f", "p", None, "g", "f"]
     inputs = tiny_inputs(batch=len(rows))
     row = [{k: v[i:i + 1] for k, v in inputs.items()} for i in range(len(rows))]

@@ -124,6 +124,9 @@ class Holder:
             else:
                 inject_saved(self.model, name, info, rest)
                 self.model.eval()
+                if info.method == "fusion":  # an adapter it shares is held once, and counted with who brought it
+                    from ..tuners.bottleneck.fusion import shared_bytes
+                    entry.memory_bytes -= shared_bytes(self.model, name)
             for head, module in head_modules.items():  # nothing below can fail
                 self.heads[head].heads[name] = module.to(self.model.device)
             self.lora.add(entry.lora)

@@ -239,6 +239,13 @@ def regularization(model):
 
 # --- helpers ---
 
+def shared_bytes(model: nn.Module, name: str) -> int:
+    """Bytes of the fused adapters that were held before this fusion came (a bank holds them once)."""
+    adapters, _, brought = _fusion(model, name)
+    return sum(t.numel() * t.element_size() for adapter in adapters if adapter not in brought
+               for t in bottleneck._adapter_tensors(model, adapter).values())
+
+
 def _fusion(model, name: str):
     fusions = bottleneck._state(model)["fusions"]
     if name not in fusions:
