@@ -5,7 +5,10 @@
 * matmul peak: a 2048x2048 matmul in fp32 and bf16 (what `auto` precision weighs);
 * attention: PyTorch's fused (flash) kernel, its math path, and plain matmuls as transformers'
   "eager" attention computes them, forward and backward, at the recipes' shapes in fp32 and
-  bf16 (where plain matmuls win sets peftkit.precision.SMALL_ATTENTION);
+  bf16 (where plain matmuls win sets peftkit.attention.SMALL_ATTENTION);
+* SmolLM2's attention at the headline recipe's batch (9 query heads sharing 3 key/value heads, 8 x 192
+  tokens, bf16): transformers' eager attention as Llama computes it against peftkit's PlainAttention,
+  forward + backward and forward alone (what evaluation and generation run);
 * dropout: PyTorch's CPU dropout against peftkit's FastDropout on one hidden-state
   tensor of the sentiment recipe (32 x 48 x 384), forward and backward;
 * linear layers at the headline recipe's shapes: each of SmolLM2-135M's projections on one
@@ -27,7 +30,7 @@ sys.path.insert(0, str(ROOT))
 
 from peftkit.bench.machine import machine_info, peak_matmul_flops  # noqa: E402
 from peftkit.dropout import FastDropout  # noqa: E402
-from peftkit.precision import SMALL_ATTENTION  # noqa: E402
+from peftkit.attention import SMALL_ATTENTION, PlainAttention  # noqa: E402
 from peftkit.bench.script_results import script_command, write_result  # noqa: E402
 
 # (tokens, batch, heads, head size): MiniLM's reviews (48 typical, 64 max), topic ledes and 192-token
@@ -65,6 +68,30 @@ def attention_ms(tokens, batch, heads, size, dtype, backend) -> float:
     return best_ms(step)
 
 
+def llama_attention_ms(implementation: str, backward: bool) -> dict:
+    """SmolLM2-135M's attention on one headline batch: eager (transformers' Llama code) or peftkit's."""
+    from transformers.models.llama.modeling_llama import eager_attention_forward
+    batch, heads, groups, tokens, size = 8, 9, 3, 192, 64
+    # q, k and v as the projections leave them: (batch, tokens, heads, size) memory seen as (batch, heads, ...)
+    q = torch.randn(batch, tokens, heads, size, dtype=torch.bfloat16).transpose(1, 2).requires_grad_(backward)
+    k, v = (torch.randn(batch, tokens, groups, size, dtype=torch.bfloat16).transpose(1, 2).requires_grad_(backward)
+            for _ in range(2))
+    causal = torch.ones(tokens, tokens, dtype=torch.bool).tril()
+    mask = torch.zeros(batch, 1, tokens, tokens, dtype=torch.bfloat16).masked_fill(~causal, -3e38)
+    module = torch.nn.Module()
+    module.num_key_value_groups = heads // groups
+
+    def run():
+        if implementation == "eager":
+            out = eager_attention_forward(module, q, k, v, mask, size ** -0.5)[0]
+        else:
+            out = PlainAttention.apply(q, k, v, mask, size ** -0.5)
+        if backward:
+            out.sum().backward()
+    with torch.set_grad_enabled(backward):
+        return best_ms(run)
+
+
 def dropout_ms(layer, dtype) -> float:
     x = torch.randn(32, 48, 384, dtype=dtype, requires_grad=True)
     return best_ms(lambda: layer(x).float().sum().backward(), repeats=15)
@@ -87,7 +114,8 @@ def main(argv=None) -> int:
     out_dir = Path(_arguments(argv).out)
     results = {"command": script_command("cpu_kernels.py", argv),
                "machine": machine_info("cpu"), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-               "matmul_gflops": {}, "attention_ms": [], "dropout_ms": {}, "headline_linears": {}}
+               "matmul_gflops": {}, "attention_ms": [], "llama_attention_ms": {}, "dropout_ms": {},
+               "headline_linears": {}}
     for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
         results["matmul_gflops"][name] = round(peak_matmul_flops("cpu", dtype) / 1e9, 1)
     for tokens, batch, heads, size in ATTENTION:
@@ -97,6 +125,10 @@ def main(argv=None) -> int:
                 "flash": round(attention_ms(tokens, batch, heads, size, dtype, SDPBackend.FLASH_ATTENTION), 2),
                 "math": round(attention_ms(tokens, batch, heads, size, dtype, SDPBackend.MATH), 2),
                 "plain": round(attention_ms(tokens, batch, heads, size, dtype, None), 2)})
+    for implementation in ("eager", "peftkit"):
+        results["llama_attention_ms"][implementation] = {
+            "forward_backward": round(llama_attention_ms(implementation, backward=True), 2),
+            "forward": round(llama_attention_ms(implementation, backward=False), 2)}
     for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
         results["dropout_ms"][name] = {"torch": round(dropout_ms(torch.nn.Dropout(0.1).train(), dtype), 2),
                                        "peftkit": round(dropout_ms(FastDropout(0.1).train(), dtype), 2)}
@@ -130,6 +162,14 @@ def markdown(r: dict) -> str:
         scores = a["batch"] * a["heads"] * a["tokens"] ** 2
         lines.append(f"| {a['tokens']} | {a['batch']} x {a['heads']} x {a['head_size']} | {scores / 2**20:.1f}M | "
                      f"{a['dtype']} | {a['flash']} | {a['math']} | {a['plain']} |")
+    if r.get("llama_attention_ms"):  # files written before this section have none
+        lines += ["", "SmolLM2-135M's attention on a headline batch (8 x 192 tokens, 9 query heads sharing 3 "
+                      "key/value heads of 64, causal mask, bf16), ms. peftkit runs its own plain attention "
+                      "(`peftkit/attention.py`) where transformers would run eager:", "",
+                  "| attention | forward + backward | forward |", "| --- | ---: | ---: |"]
+        for name, a in r["llama_attention_ms"].items():
+            label = "transformers' eager (Llama)" if name == "eager" else "peftkit PlainAttention"
+            lines.append(f"| {label} | {a['forward_backward']} | {a['forward']} |")
     lines += ["", "Dropout p=0.1 on 32 x 48 x 384, forward + backward (ms):", "",
               "| dtype | torch.nn.Dropout | peftkit FastDropout |", "| --- | ---: | ---: |"]
     for name, d in r["dropout_ms"].items():

@@ -24,9 +24,6 @@ from .errors import PeftkitError
 
 PRECISIONS = ("auto", "fp32", "bf16")
 CPU_BF16_FLAGS = ("avx512_bf16", "amx_bf16")  # x86 instructions that compute bf16 dot products natively
-# Attention score elements per batch (batch x heads x tokens^2) up to which plain matmul attention beats
-# PyTorch's fused kernel on a CPU in bf16 (benchmarks/results/cpu-kernels-cpu.md)
-SMALL_ATTENTION = 2**24
 
 
 def check_precision(requested: str) -> None:
@@ -118,21 +115,3 @@ def store_frozen_in_bf16(model, precision: str) -> int:
             changed += 1
     return changed
 
-
-def choose_attention(model, precision: str, batch_size: int, max_length: int) -> str:
-    """Switch `model` to plain matmul attention (transformers' "eager") where that is the faster
-    kernel, and return the implementation it runs: on a CPU in bf16, for batches of at most
-    SMALL_ATTENTION score elements.
-
-    On the project's 2-core CPU (benchmarks/results/cpu-kernels-cpu.md), forward and backward in
-    bf16 took PyTorch's fused kernel 5.5x the plain matmuls' time for MiniLM at 48 tokens and 3.2x
-    at 128 (batch 32), 1.4x at 192 (13.5M scores), and 3.0x for SmolLM2's 192-token rows (batch 8).
-    SDPA's math path is no answer: on a CPU it computes bf16 attention in fp32. At 27M scores
-    (MiniLM's QA windows of 384 tokens, batch 16) the fused kernel is 1.4x faster, and stays.
-    """
-    config = model.config.get_text_config()
-    scores = batch_size * config.num_attention_heads * max_length ** 2
-    if precision != "bf16" or torch.cuda.is_available() or scores > SMALL_ATTENTION:
-        return model.config._attn_implementation
-    model.set_attn_implementation("eager")
-    return "eager"

@@ -4,11 +4,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .anatomy import task_heads
+from .attention import choose_attention
 from .datasource import load_splits
 from .errors import PeftkitError
 from .loading import load_model, load_tokenizer
 from .merge import merge
-from .precision import choose_attention, compute, resolve_precision, store_frozen_in_bf16
+from .precision import compute, resolve_precision, store_frozen_in_bf16
 from .recipe import Recipe, run_recipe
 from .presets import resolve_spec
 from .saving import load_adapter, read_adapter_config

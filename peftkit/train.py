@@ -21,13 +21,14 @@ from transformers.integrations import TensorBoardCallback
 
 from .anatomy import pick_adapter, task_heads
 from .attach import attach
+from .attention import choose_attention
 from .compiling import CompiledBlocks, resolve_compile
 from .datasource import load_splits
 from .dropout import swap_in_fast_dropout
 from .errors import PeftkitError
 from .loading import check_config_overrides, load_model, load_tokenizer, sharded_training
 from .meter import peak_memory_mb
-from .precision import choose_attention, compute, describe, resolve_precision, store_frozen_in_bf16
+from .precision import compute, describe, resolve_precision, store_frozen_in_bf16
 from .presets import AdapterSpec, describe_spec, resolve_spec
 from .plots import plot_training
 from .recipe import TASK_METRICS, Recipe, check_trackers
@@ -50,7 +51,7 @@ class Setup:
     spec: AdapterSpec  # the method spec, resolved once (the recipe's quantize over its preset's; a rank
     # schedule's length set to the run's steps when the spec leaves it out)
     precision: str  # fp32 or bf16, resolved for this machine
-    attention: str  # the attention implementation the model runs ("eager" where plain matmuls are faster)
+    attention: str  # the attention implementation the model runs (attention.choose_attention)
     steps: int  # optimizer steps the run will take (fewer if it stops early)
     eval_steps: int  # steps between validation passes; 0: none
 

@@ -103,24 +103,6 @@ def test_bf16_logits_and_training_stay_close_to_fp32():
     torch.testing.assert_close(bf16_logits, fp32_logits, rtol=5e-2, atol=5e-2)
 
 
-@pytest.mark.parametrize("arch", ["bert", "llama"])
-def test_small_bf16_attention_on_a_cpu_runs_as_plain_matmuls_with_the_same_outputs(monkeypatch, arch):
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    model = make_tiny(arch, "cls")
-    inputs = tiny_inputs()
-    with torch.no_grad():
-        fused = model(**inputs).logits
-    heads = model.config.num_attention_heads
-    too_many = int((precision.SMALL_ATTENTION / heads) ** 0.5) + 1  # tokens past the limit at batch 1
-    assert precision.choose_attention(model, "fp32", 32, 64) == "sdpa"
-    assert precision.choose_attention(model, "bf16", 1, too_many) == "sdpa"
-    assert precision.choose_attention(model, "bf16", 32, 64) == "eager"
-    assert model.config._attn_implementation == "eager"
-    with torch.no_grad():
-        plain = model(**inputs).logits
-    torch.testing.assert_close(plain, fused, rtol=1e-5, atol=1e-5)
-
-
 def test_leaving_peft_inputs_in_bf16_changes_no_loss_or_gradient():
     """Under autocast, LoRA's matmuls run in bf16 either way; peft's cast to fp32 and back only costs.
     Without dropout, loss and gradients are the same bit for bit."""
