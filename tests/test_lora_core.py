@@ -1,5 +1,7 @@
 """attach / save / load / merge / report with LoRA on tiny random models."""
 import json
+import os
+import stat
 
 import pytest
 import torch
@@ -7,6 +9,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 
 import peftkit
 from peftkit.anatomy import task_heads
+from peftkit.saving import atomic_write, staged_dir
 from conftest import make_tiny, tiny_inputs
 
 
@@ -232,3 +235,17 @@ def test_param_report_is_exact():
     assert report["trainable"] == sum(p.numel() for p in model.parameters() if p.requires_grad)
     assert sum(report["modules"].values()) == report["trainable"]
     assert "ratio" in str(report) and "lora_A" in str(report)
+
+
+def test_files_and_folders_written_atomically_get_the_usual_permissions(tmp_path):
+    """A temporary file or folder is private; what replaces the real one must not stay so, or a server
+    running as another user could not read a saved adapter."""
+    before = os.umask(0o022)
+    try:
+        atomic_write(tmp_path / "a.json", "{}")
+        with staged_dir(tmp_path / "run") as folder:
+            (folder / "x").write_text("x")
+    finally:
+        os.umask(before)
+    assert stat.S_IMODE((tmp_path / "a.json").stat().st_mode) == 0o644
+    assert stat.S_IMODE((tmp_path / "run").stat().st_mode) == 0o755
