@@ -1,6 +1,7 @@
 """The attention kernel a run computes with, and peftkit's own for small bf16 batches on a CPU.
 
-    attention = choose_attention(model, precision, batch_size, max_length)   # "peftkit_plain" | "eager" | "sdpa"
+    attention = choose_attention(model, precision, batch_size, max_length)   # "plain" | "eager" | "sdpa"
+    set_attention(model, "eager")                                             # what train.attention asks for
 
 On a CPU in bf16, PyTorch's fused attention kernel is slower than plain matmuls for the recipes'
 small batches (benchmarks/results/xeon-amx/cpu-kernels-cpu.md), and its math path computes bf16 in
@@ -12,11 +13,11 @@ gradient is P * (dP - rowsum(dP * P))). No library has this kernel for CPUs; tra
 AttentionInterface is the documented way to plug one in.
 """
 import torch
-from transformers import AttentionInterface
-from transformers.masking_utils import AttentionMaskInterface, eager_mask
-from transformers.models.llama.modeling_llama import eager_attention_forward
 
-PLAIN = "peftkit_plain"
+from .errors import PeftkitError
+
+ATTENTIONS = ("auto", "plain", "eager", "sdpa")  # train.attention; auto: choose_attention decides
+PLAIN = "peftkit_plain"  # the plain kernel's name in transformers' attention registry
 # Attention score elements per batch (batch x heads x tokens^2) up to which plain matmul attention beats
 # PyTorch's fused kernel on a CPU in bf16 (benchmarks/results/xeon-amx/cpu-kernels-cpu.md)
 SMALL_ATTENTION = 2**24
@@ -25,18 +26,45 @@ SMALL_ATTENTION = 2**24
 PLAIN_MODELS = ("llama", "mistral", "qwen2", "qwen3")
 
 
-def choose_attention(model, precision: str, batch_size: int, max_length: int) -> str:
-    """Switch `model` to the fastest attention that computes what it would, and return its name: on a
-    CPU in bf16 for batches of at most SMALL_ATTENTION score elements, peftkit's plain attention for
-    the architectures in PLAIN_MODELS and transformers' "eager" for the others; elsewhere the model's
-    own (SDPA). At 27M scores (MiniLM's QA windows of 384 tokens, batch 16) the fused kernel wins."""
+def check_attention(requested: str) -> None:
+    if requested not in ATTENTIONS:
+        raise PeftkitError(f"train.attention must be one of {', '.join(ATTENTIONS)}, got {requested!r}")
+
+
+def choose_attention(model, precision: str, batch_size: int, max_length: int, requested: str = "auto") -> str:
+    """Switch `model` to the attention `requested` (train.attention), and under `auto` to the fastest
+    that computes what it would; return its name. `auto`: on a CPU in bf16 for batches of at most
+    SMALL_ATTENTION score elements, peftkit's plain attention for the architectures in PLAIN_MODELS and
+    transformers' "eager" for the others; elsewhere the model's own (SDPA). At 27M scores (MiniLM's QA
+    windows of 384 tokens, batch 16) the fused kernel wins."""
+    check_attention(requested)
     config = model.config.get_text_config()
-    scores = batch_size * config.num_attention_heads * max_length ** 2
-    if precision != "bf16" or torch.cuda.is_available() or scores > SMALL_ATTENTION:
-        return model.config._attn_implementation
-    chosen = PLAIN if config.model_type in PLAIN_MODELS else "eager"
-    model.set_attn_implementation(chosen)
-    return chosen
+    if requested == "auto":
+        scores = batch_size * config.num_attention_heads * max_length ** 2
+        if precision != "bf16" or torch.cuda.is_available() or scores > SMALL_ATTENTION:
+            return model.config._attn_implementation
+        requested = "plain" if config.model_type in PLAIN_MODELS else "eager"
+    if requested == "plain" and config.model_type not in PLAIN_MODELS:
+        raise PeftkitError(f"train.attention: plain computes the attention of {', '.join(PLAIN_MODELS)} models; "
+                           f"this one is {config.model_type}: use auto, eager or sdpa")
+    set_attention(model, requested)
+    return requested
+
+
+def set_attention(model, name: str) -> None:
+    """Make `model` (a transformers model) compute attention with `name`: plain, eager or sdpa."""
+    if name == "plain":
+        _register_plain()
+    model.set_attn_implementation(PLAIN if name == "plain" else name)
+
+
+def _register_plain() -> None:
+    """Put the plain kernel in transformers' registries (again is harmless). Done on first use, not at
+    import: checking a recipe should not wait for transformers to load."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, eager_mask
+    AttentionInterface.register(PLAIN, plain_attention)
+    AttentionMaskInterface.register(PLAIN, eager_mask)  # the additive mask eager attention takes
 
 
 class PlainAttention(torch.autograd.Function):
@@ -85,9 +113,6 @@ def plain_attention(module, query, key, value, attention_mask, scaling=None, dro
     if scaling is None:
         scaling = query.shape[-1] ** -0.5
     if not covered:
+        from transformers.models.llama.modeling_llama import eager_attention_forward
         return eager_attention_forward(module, query, key, value, mask, scaling, dropout, **kwargs)
     return PlainAttention.apply(query, key, value, mask, scaling), None
-
-
-AttentionInterface.register(PLAIN, plain_attention)
-AttentionMaskInterface.register(PLAIN, eager_mask)  # the additive mask eager attention takes

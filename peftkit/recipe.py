@@ -65,6 +65,7 @@ class Train:
     fast_dropout: bool = True  # dropout with a cheaper random mask on the CPU (dropout.py); same distribution
     precision: str = "auto"  # auto | fp32 | bf16: auto is bf16 where the hardware has it natively (precision.py)
     compile: str | bool = "auto"  # auto | true | false: transformer blocks compiled for training steps (compiling.py)
+    attention: str = "auto"  # auto | plain | eager | sdpa: the attention kernel (attention.py)
     logging_steps: int = 10
     save_steps: int = 200  # checkpoints without validation; with it, one at each evaluation
     # Validation while training: every eval_steps optimizer steps the task's metrics on the validation
@@ -103,6 +104,8 @@ class Recipe:
         check_precision(self.train.precision)
         from .compiling import check_compile
         check_compile(self.train.compile)
+        from .attention import check_attention
+        check_attention(self.train.attention)
         if self.train.lr <= 0:
             raise PeftkitError(f"train.lr must be positive, got {self.train.lr}")
         self._check_validation()

@@ -91,7 +91,7 @@ def compute_as_trained(base, recipe: Recipe) -> None:
     differences into other tokens: the headline recipe's run read 0.232 ROUGE-L reopened with the
     base as loaded, against the 0.239 it reported."""
     precision = resolve_precision(recipe.train.precision)
-    choose_attention(base, precision, recipe.train.batch_size, recipe.train.max_length)
+    choose_attention(base, precision, recipe.train.batch_size, recipe.train.max_length, recipe.train.attention)
     base.requires_grad_(False)
     for head in task_heads(base):
         base.get_submodule(head).requires_grad_(True)

@@ -79,7 +79,8 @@ def set_up(recipe: Recipe, processes: int = 1) -> Setup:
     spec.about.check_input_length(spec.options, model, recipe.train.max_length, "train.max_length")
     spec.about.config(spec.options, model, task_heads(model))  # refused here, not after the base's test: a fusion's
     # adapter folders trained on another base or for another task
-    attention = choose_attention(model, precision, recipe.train.batch_size, recipe.train.max_length)
+    attention = choose_attention(model, precision, recipe.train.batch_size, recipe.train.max_length,
+                                 recipe.train.attention)
     return Setup(task, tokenizer, splits, prepared, model, spec, precision, attention, steps, eval_steps)
 
 

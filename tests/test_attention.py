@@ -10,7 +10,9 @@ from transformers.models.llama.modeling_llama import eager_attention_forward
 
 import peftkit
 from peftkit import attention
-from peftkit.attention import PLAIN, PlainAttention, choose_attention, plain_attention
+from peftkit.errors import PeftkitError
+from peftkit.recipe import load_recipe
+from peftkit.attention import PlainAttention, choose_attention, plain_attention, set_attention
 
 from conftest import LLAMA, make_tiny, tiny_inputs
 
@@ -24,7 +26,7 @@ def tiny_lm(arch: str):
 
 
 def loss_and_grads(model, inputs, implementation):
-    model.set_attn_implementation(implementation)
+    set_attention(model, implementation)
     model.zero_grad()
     labels = inputs["input_ids"].masked_fill(inputs["attention_mask"] == 0, -100)
     out = model(**inputs, labels=labels, use_cache=False)
@@ -41,7 +43,7 @@ def test_plain_attention_computes_eagers_logits_bit_for_bit_and_its_gradients(ar
     model = tiny_lm(arch).train()  # training: the attention has no dropout in these configs
     inputs = tiny_inputs(length=12)  # one row padded
     eager_logits, eager_grads = loss_and_grads(model, inputs, "eager")
-    plain_logits, plain_grads = loss_and_grads(model, inputs, PLAIN)
+    plain_logits, plain_grads = loss_and_grads(model, inputs, "plain")
     assert torch.equal(plain_logits, eager_logits)
     assert plain_grads.keys() == eager_grads.keys() and len(plain_grads) > 10
     for name, grad in plain_grads.items():  # bf16 gradients: rounded in other places, so close, not equal
@@ -84,21 +86,21 @@ def test_greedy_generation_with_a_cache_gives_eagers_tokens():
     prompt = tiny_inputs(batch=3, length=9)
     prompt["attention_mask"][0] = torch.tensor([0, 0, 1, 1, 1, 1, 1, 1, 1])  # left padding, as generation pads
     runs = {}
-    for implementation in ("eager", PLAIN):
-        model.set_attn_implementation(implementation)
+    for implementation in ("eager", "plain"):
+        set_attention(model, implementation)
         runs[implementation] = model.generate(**prompt, max_new_tokens=8, do_sample=False, pad_token_id=0)
-    assert torch.equal(runs[PLAIN], runs["eager"])
+    assert torch.equal(runs["plain"], runs["eager"])
 
 
 def test_prefix_tuning_through_plain_attention_gives_eagers_logits():
     model = peftkit.attach(make_tiny("llama", "lm"), "prefix").to(torch.bfloat16).eval()
     inputs = tiny_inputs()
     logits = {}
-    for implementation in ("eager", PLAIN):
-        model.base_model.set_attn_implementation(implementation)
+    for implementation in ("eager", "plain"):
+        set_attention(model.base_model, implementation)
         with torch.no_grad():
             logits[implementation] = model(**inputs).logits
-    assert torch.equal(logits[PLAIN], logits["eager"])
+    assert torch.equal(logits["plain"], logits["eager"])
 
 
 def test_what_plain_attention_does_not_cover_goes_to_eager():
@@ -123,7 +125,7 @@ def test_what_plain_attention_does_not_cover_goes_to_eager():
 def test_the_choice_plain_for_listed_architectures_eager_for_others_fused_elsewhere(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     inputs = tiny_inputs()
-    for arch, small in (("llama", PLAIN), ("bert", "eager")):
+    for arch, small in (("llama", "plain"), ("bert", "eager")):
         model = make_tiny(arch, "cls")
         with torch.no_grad():
             fused = model(**inputs).logits
@@ -132,8 +134,20 @@ def test_the_choice_plain_for_listed_architectures_eager_for_others_fused_elsewh
         assert choose_attention(model, "fp32", 32, 64) == "sdpa"
         assert choose_attention(model, "bf16", 1, too_many) == "sdpa"
         assert choose_attention(model, "bf16", 32, 64) == small
-        assert model.config._attn_implementation == small
+        assert model.config._attn_implementation == {"plain": attention.PLAIN}.get(small, small)
         with torch.no_grad():
             torch.testing.assert_close(model(**inputs).logits, fused, rtol=1e-5, atol=1e-5)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert choose_attention(make_tiny("llama", "cls"), "bf16", 32, 64) == "sdpa"
+
+
+def test_train_attention_picks_the_kernel_and_refuses_what_cannot_be():
+    model = make_tiny("llama", "cls")
+    for asked in ("eager", "sdpa", "plain"):  # honoured whatever auto would pick
+        assert choose_attention(model, "fp32", 32, 64, asked) == asked
+    assert model.config._attn_implementation == attention.PLAIN
+    with pytest.raises(PeftkitError, match="train.attention: plain computes the attention of llama, mistral, "
+                                           "qwen2, qwen3 models; this one is bert: use auto, eager or sdpa"):
+        choose_attention(make_tiny("bert", "cls"), "bf16", 32, 64, "plain")
+    with pytest.raises(PeftkitError, match="train.attention must be one of auto, plain, eager, sdpa, got 'flash'"):
+        load_recipe("headlines-lora", ["train.attention=flash"])
