@@ -15,18 +15,19 @@ Evaluation and generation keep the eager forward: they run in inference mode wit
 which would cost compilations of their own for a few batches.
 
 Measured on the 2-core Xeon with AMX (benchmarks/results/xeon-amx/compile/): the headline recipe's
-bf16 LoRA step ran 1.21x faster compiled, in 0.87x the memory, after a warm-up of ~45 s (~10 s once
-inductor's on-disk cache holds the kernels). MiniLM's short classification rows (batch 32, ~48 tokens)
-ran slower compiled than eager in a probe. `auto` compiles only where the measurement says it pays.
+bf16 LoRA step ran 1.10x faster compiled, in 0.86x the memory (1.21x before peftkit's plain attention
+took part of what inductor fuses), after a warm-up of ~45 s with an empty inductor cache. MiniLM's
+short classification rows (batch 32, ~48 tokens) ran slower compiled than eager in a probe. `auto` compiles only where the measurement says it pays.
 """
 import torch
 
 from .errors import PeftkitError
 
 CHOICES = ("auto", True, False)
-# auto compiles a run only when its steps repay a cold warm-up: the 50-step headline recipe took 118 s
-# compiled against 88 s eager with an empty inductor cache (~45 s of compilation), and a step saves ~0.3 s
-PAYS_AFTER_STEPS = 150
+# auto compiles a run only when its steps repay a cold warm-up: the 50-step headline recipe trained in 122 s
+# compiled against 79 s eager with an empty inductor cache, and a steady step saves ~0.15 s (1.52 against
+# 1.38 s; benchmarks/results/xeon-amx/compile/), so ~50 s of warm-up is repaid after ~350 steps
+PAYS_AFTER_STEPS = 350
 AUTO_METHODS = ("lora",)  # the methods the measurement covers
 
 
@@ -70,7 +71,7 @@ def _not_measured_to_pay(task: str, method: str, precision: str, steps: int) -> 
     if task != "causal-lm" or method not in AUTO_METHODS or precision != "bf16":
         return "auto compiles bf16 LoRA on causal LMs only, where it was measured to pay"
     if steps < PAYS_AFTER_STEPS:
-        return f"{steps} steps do not repay the ~45 s warm-up; auto compiles runs of {PAYS_AFTER_STEPS}+"
+        return f"{steps} steps do not repay the ~50 s warm-up; auto compiles runs of {PAYS_AFTER_STEPS}+"
     return ""
 
 
