@@ -2,6 +2,7 @@
 
     attention = choose_attention(model, precision, batch_size, max_length)   # "plain" | "eager" | "sdpa"
     set_attention(model, "eager")                                             # what train.attention asks for
+    running_attention(model)                                                  # "eager"
 
 On a CPU in bf16, PyTorch's fused attention kernel is slower than plain matmuls for the recipes'
 small batches (benchmarks/results/xeon-amx/cpu-kernels-cpu.md), and its math path computes bf16 in
@@ -42,7 +43,7 @@ def choose_attention(model, precision: str, batch_size: int, max_length: int, re
     if requested == "auto":
         scores = batch_size * config.num_attention_heads * max_length ** 2
         if precision != "bf16" or torch.cuda.is_available() or scores > SMALL_ATTENTION:
-            return model.config._attn_implementation
+            return running_attention(model)
         requested = "plain" if config.model_type in PLAIN_MODELS else "eager"
     if requested == "plain" and config.model_type not in PLAIN_MODELS:
         raise PeftkitError(f"train.attention: plain computes the attention of {', '.join(PLAIN_MODELS)} models; "
@@ -56,6 +57,12 @@ def set_attention(model, name: str) -> None:
     if name == "plain":
         _register_plain()
     model.set_attn_implementation(PLAIN if name == "plain" else name)
+
+
+def running_attention(model) -> str:
+    """The attention `model` computes with, named as train.attention names it."""
+    name = model.config._attn_implementation
+    return "plain" if name == PLAIN else name
 
 
 def _register_plain() -> None:

@@ -17,7 +17,8 @@ which would cost compilations of their own for a few batches.
 Measured on the 2-core Xeon with AMX (benchmarks/results/xeon-amx/compile/): the headline recipe's
 bf16 LoRA step ran 1.10x faster compiled, in 0.86x the memory (1.21x before peftkit's plain attention
 took part of what inductor fuses), after a warm-up of ~45 s with an empty inductor cache. MiniLM's
-short classification rows (batch 32, ~48 tokens) ran slower compiled than eager in a probe. `auto` compiles only where the measurement says it pays.
+short classification rows (batch 32, ~48 tokens) ran slower compiled than eager in a probe. `auto`
+compiles only where the measurement says it pays.
 """
 import torch
 

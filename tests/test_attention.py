@@ -134,7 +134,7 @@ def test_the_choice_plain_for_listed_architectures_eager_for_others_fused_elsewh
         assert choose_attention(model, "fp32", 32, 64) == "sdpa"
         assert choose_attention(model, "bf16", 1, too_many) == "sdpa"
         assert choose_attention(model, "bf16", 32, 64) == small
-        assert model.config._attn_implementation == {"plain": attention.PLAIN}.get(small, small)
+        assert attention.running_attention(model) == small
         with torch.no_grad():
             torch.testing.assert_close(model(**inputs).logits, fused, rtol=1e-5, atol=1e-5)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
@@ -145,7 +145,7 @@ def test_train_attention_picks_the_kernel_and_refuses_what_cannot_be():
     model = make_tiny("llama", "cls")
     for asked in ("eager", "sdpa", "plain"):  # honoured whatever auto would pick
         assert choose_attention(model, "fp32", 32, 64, asked) == asked
-    assert model.config._attn_implementation == attention.PLAIN
+    assert attention.running_attention(model) == "plain" and model.config._attn_implementation == attention.PLAIN
     with pytest.raises(PeftkitError, match="train.attention: plain computes the attention of llama, mistral, "
                                            "qwen2, qwen3 models; this one is bert: use auto, eager or sdpa"):
         choose_attention(make_tiny("bert", "cls"), "bf16", 32, 64, "plain")

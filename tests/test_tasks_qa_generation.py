@@ -9,6 +9,7 @@ from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from peftkit.attach import attach
+from peftkit.attention import running_attention
 from peftkit.datasource import check_rows
 from peftkit.errors import PeftkitError
 from peftkit.loading import load_tokenizer
@@ -373,7 +374,7 @@ def test_end_to_end_headlines_lora(tmp_path):
     assert dtypes == ({(False, torch.bfloat16), (True, torch.float32)} if metrics["precision"] == "bf16"
                       else {(False, torch.float32), (True, torch.float32)})
     if metrics["precision"] == "bf16":
-        assert f"{run.model.config._attn_implementation} attention" in metrics["precision_detail"]
+        assert f"{running_attention(run.model)} attention" in metrics["precision_detail"]
     assert run.evaluate("test") == metrics["adapted"]
     from peftkit.runs import open_run
     merging = open_run(run_dir, as_trained=False)  # `peftkit merge` folds into the base as loaded
