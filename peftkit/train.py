@@ -35,7 +35,7 @@ from .recipe import TASK_METRICS, Recipe, check_trackers
 from .report import param_report
 from .saving import staged_dir, write_adapter_files
 from .tasks import Prepared, task_module
-from .trainer import AdapterTrainer, RankAllocation, StopAfter, check_stop_after
+from .trainer import AdapterTrainer, RankAllocation, check_stop_after, stop_after
 
 EVALUATIONS = 4  # validation passes per run when the recipe does not set train.eval_steps
 
@@ -117,8 +117,7 @@ def make_trainer(recipe: Recipe, setup: Setup, model, work: Path, save: bool = T
     compiled, compile_detail = resolve_compile(recipe.train.compile, model, setup.task.MODEL_TASK,
                                                method or setup.spec.method, setup.precision, setup.steps)
     callbacks = list(callbacks) + ([RankAllocation()] if setup.spec.about.rank_schedule else [])
-    if recipe.train.stop_after_steps:
-        callbacks.append(StopAfter(recipe.train.stop_after_steps))
+    callbacks += stop_after(recipe.train.stop_after_steps)
     if eval_steps and recipe.train.early_stopping_patience:
         callbacks.append(EarlyStoppingCallback(recipe.train.early_stopping_patience,
                                                recipe.train.early_stopping_threshold))

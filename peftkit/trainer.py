@@ -135,6 +135,11 @@ class StopAfter(TrainerCallback):
                 control.should_save = True
 
 
+def stop_after(steps: int | None) -> list:
+    """The callbacks that apply train.stop_after_steps to a Trainer: none when it is null."""
+    return [StopAfter(steps)] if steps else []
+
+
 def check_stop_after(stop_after: int | None, steps: int) -> None:
     if (stop_after or 0) > steps:
         raise PeftkitError(f"train.stop_after_steps {stop_after} is longer than the run ({steps} optimizer "

@@ -7,6 +7,7 @@ from transformers import (
     BertConfig, BertForQuestionAnswering, BertForSequenceClassification, BertModel,
     GPT2Config, GPT2ForSequenceClassification, GPT2LMHeadModel,
     LlamaConfig, LlamaForCausalLM, LlamaForQuestionAnswering, LlamaForSequenceClassification,
+    MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM,
 )
 
 BERT = dict(vocab_size=128, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
@@ -24,10 +25,14 @@ CLASSES = {
     ("llama", "lm"): (LlamaConfig, LlamaForCausalLM),
     ("llama", "cls"): (LlamaConfig, LlamaForSequenceClassification),
     ("llama", "qa"): (LlamaConfig, LlamaForQuestionAnswering),
+    ("mistral", "lm"): (MistralConfig, MistralForCausalLM),  # Llama's attention, as peftkit's plain kernel
+    ("qwen2", "lm"): (Qwen2Config, Qwen2ForCausalLM),  # computes it (tests/test_attention.py)
+    ("qwen3", "lm"): (Qwen3Config, Qwen3ForCausalLM),
     ("gpt2", "lm"): (GPT2Config, GPT2LMHeadModel),
     ("gpt2", "cls"): (GPT2Config, GPT2ForSequenceClassification),
 }
-SIZES = {"bert": BERT, "llama": LLAMA, "gpt2": GPT2}
+SIZES = {"bert": BERT, "llama": LLAMA, "gpt2": GPT2,
+         **dict.fromkeys(("mistral", "qwen2", "qwen3"), {**LLAMA, "head_dim": 16})}
 
 
 def make_tiny(arch: str, task: str, seed: int = 0):

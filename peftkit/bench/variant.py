@@ -92,8 +92,8 @@ def _trainer(bench: Bench, variant: Variant, recipe, work: Path, meter) -> tuple
         # bf16 autocast: the plain script as users write it turns it on for bf16 GPUs only; the
         # tuned one wherever the hardware computes bf16 natively (a CPU with AVX512-BF16 or AMX too)
         bf16 = native_bf16() if tuned else torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-        from ..trainer import StopAfter  # train.stop_after_steps holds for the reference's Trainer too
-        stop = [StopAfter(recipe.train.stop_after_steps)] if recipe.train.stop_after_steps else []
+        from ..trainer import stop_after  # train.stop_after_steps holds for the reference's Trainer too
+        stop = stop_after(recipe.train.stop_after_steps)
         trainer = _import_script(bench.reference).build(resolve_model(recipe.model), splits, str(work),
                                                         callbacks=[meter, *stop], bf16=bf16, tuned=tuned,
                                                         **_hyperparameters(recipe))
